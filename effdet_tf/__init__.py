@@ -1,0 +1,3 @@
+"""effdet_tf: one detector, several datasets, one SavedModel."""
+
+__version__ = "0.1.0"
