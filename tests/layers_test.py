@@ -1,0 +1,85 @@
+"""Tests for effdet_tf.modeling.layers."""
+
+import numpy as np
+import pytest
+
+import keras
+
+from effdet_tf.modeling.layers import (
+    ConvBNMish,
+    SeparableConvBN,
+    WeightedFusion,
+    mish,
+)
+
+
+def test_mish_values():
+    x = np.array([-2.0, 0.0, 1.0, 3.0], "float32")
+    expected = x * np.tanh(np.log1p(np.exp(x)))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(mish(x)), expected, rtol=1e-5)
+
+
+def test_conv_bn_mish_stride2_pads_top_left_like_darknet():
+    layer = ConvBNMish(1, 3, strides=2, activation="linear")
+    x = np.arange(1, 8 * 8 + 1, dtype="float32").reshape(1, 8, 8, 1)
+    layer.build(x.shape)
+    # A kernel that only reads its top-left tap: out[i, j] = in_padded[2i, 2j].
+    kernel = np.zeros((3, 3, 1, 1), "float32")
+    kernel[0, 0] = 1.0
+    layer.conv.kernel.assign(kernel)
+    out = keras.ops.convert_to_numpy(layer(x, training=False))[0, ..., 0]
+    assert out.shape == (4, 4)
+    scale = 1.0 / np.sqrt(1.0 + layer.bn_epsilon)  # fresh BN: mean 0, var 1
+    # Padding is one row/column at the top/left, so tap (0, 0) of output
+    # (i, j) reads input (2i - 1, 2j - 1), zero on the first row/column.
+    expected = np.zeros((4, 4), "float32")
+    img = x[0, ..., 0]
+    for i in range(1, 4):
+        for j in range(1, 4):
+            expected[i, j] = img[2 * i - 1, 2 * j - 1]
+    np.testing.assert_allclose(out, expected * scale, rtol=1e-5)
+
+
+def test_conv_bn_mish_same_padding_and_no_bias():
+    layer = ConvBNMish(4, 3)
+    y = layer(np.ones((2, 10, 12, 3), "float32"))
+    assert tuple(y.shape) == (2, 10, 12, 4)
+    assert layer.conv.use_bias is False
+    assert len(layer.trainable_weights) == 3  # kernel, gamma, beta
+
+
+def test_conv_bn_mish_config_round_trip():
+    layer = ConvBNMish(8, 1, strides=1, name="c")
+    clone = ConvBNMish.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_separable_conv_bn():
+    layer = SeparableConvBN(16)
+    y = layer(np.ones((1, 8, 8, 5), "float32"))
+    assert tuple(y.shape) == (1, 8, 8, 16)
+    assert SeparableConvBN.from_config(layer.get_config()).get_config() == layer.get_config()
+
+
+def test_weighted_fusion_is_normalised_and_relu_clipped():
+    fuse = WeightedFusion()
+    a = np.full((1, 2, 2, 3), 2.0, "float32")
+    b = np.full((1, 2, 2, 3), 4.0, "float32")
+    out = keras.ops.convert_to_numpy(fuse([a, b]))
+    np.testing.assert_allclose(out, 3.0 * 2 / (2 + 1e-4), rtol=1e-6)
+    fuse.fusion_weights.assign(np.array([-1.0, 3.0], "float32"))
+    out = keras.ops.convert_to_numpy(fuse([a, b]))
+    np.testing.assert_allclose(out, 4.0 * 3 / (3 + 1e-4), rtol=1e-6)
+
+
+def test_weighted_fusion_mixed_precision():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        fuse = WeightedFusion()
+        a = keras.ops.ones((1, 2, 2, 3), "float16")
+        out = fuse([a, a, a])
+        assert keras.backend.standardize_dtype(out.dtype) == "float16"
+        assert fuse.fusion_weights.dtype == "float32"
+    finally:
+        keras.config.set_dtype_policy(previous)
