@@ -1,0 +1,332 @@
+"""Frozen run configuration: model, data, train and export sections.
+
+Flags become a `Config` once (effdet_tf/flags.py); every workflow below takes
+the config and never reads flags. The resolved config (with each dataset's
+label map as the converter wrote it) is written as JSON next to the
+checkpoints, so a model dir rebuilds its detector without the command line
+that made it (effdet_tf/checkpoint.py).
+
+Every field carries `metadata["help"]`; flags.py turns fields into absl
+flags of the same name, so a field and its flag cannot drift apart. Field
+names are therefore unique across sections.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+# Bumped when a field changes meaning, so an old config.json is read with care.
+CONFIG_VERSION = 1
+
+MODES = ("train", "eval", "train_and_eval")
+STRATEGIES = ("mirrored", "multi_worker", "one_device")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+BOX_LOSSES = ("huber", "giou", "ciou")
+
+
+def _field(default, help, choices=None, flag=True):
+    """A dataclass field with the help text (and choices) its flag shows."""
+    metadata = {"help": help, "flag": flag}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict)):
+        raise TypeError("Use tuples for frozen defaults.")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassEntry:
+    """One class of a dataset: contiguous index, COCO category id, name."""
+
+    index: int
+    id: int
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset = one head. `path` is what the user gave; `tfrecord_dir`
+    is where its TFRecords and label_map.json live after conversion."""
+
+    name: str
+    path: str
+    tfrecord_dir: str = ""
+    classes: Tuple[ClassEntry, ...] = ()
+    batch_size: int = 8  # global (all replicas) images of this dataset per step
+    loss_weight: float = 1.0
+    num_train_examples: int = 0  # filled from the converter's report if known
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def label_map(self) -> Dict[str, Any]:
+        """The converter's label_map.json layout."""
+        return {
+            "name": self.name,
+            "classes": [dataclasses.asdict(c) for c in self.classes],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Defaults are CSPDarknet53 + EfficientDet-D0's BiFPN and
+    heads (Tan et al. 2020, Table 1: 64 BiFPN channels, 3 BiFPN layers, 3
+    head layers at 512) and its anchors (levels 3-7, 3 scales, 3 ratios,
+    anchor scale 4)."""
+
+    image_size: int = _field(512, "Square input size S of the network.")
+    width_multiplier: float = _field(1.0, "Backbone channel multiplier (1.0 = CSPDarknet53).")
+    depth_multiplier: float = _field(1.0, "Backbone block-count multiplier (1.0 = CSPDarknet53).")
+    fpn_channels: int = _field(64, "BiFPN channels (D0: 64).")
+    fpn_repeats: int = _field(3, "BiFPN layers (D0: 3).")
+    head_depth: int = _field(3, "Conv layers in each class/box net (D0: 3).")
+    min_level: int = _field(3, "Lowest pyramid level.")
+    max_level: int = _field(7, "Highest pyramid level.")
+    num_scales: int = _field(3, "Anchor scales per octave.")
+    aspect_ratios: Tuple[float, ...] = _field((1.0, 2.0, 0.5), "Anchor aspect ratios.")
+    anchor_scale: float = _field(4.0, "Anchor size in units of the level's stride.")
+    box_loss: str = _field("huber", "Box regression loss.", BOX_LOSSES)
+
+    def check(self):
+        if self.image_size % (2 ** self.max_level):
+            raise ValueError(
+                f"--image_size={self.image_size} must be a multiple of "
+                f"2**max_level = {2 ** self.max_level}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Datasets and the input pipeline. Augmentation follows YOLOv4
+    (Bochkovskiy et al. 2020): Mosaic, MixUp, HSV jitter, flip, scale."""
+
+    datasets: Tuple[DatasetConfig, ...] = _field((), "Set by --dataset=NAME=PATH.", flag=False)
+    data_cache_dir: str = _field(
+        "", "Where converted TFRecords go (default MODEL_DIR/data_cache). "
+        "The source dataset folder is never written to.")
+    batch_size: int = _field(
+        8, "Global batch per dataset and step (summed over replicas); "
+        "--dataset_batch_size=NAME=N overrides it for one dataset.")
+    eval_batch_size: int = _field(8, "Global batch for evaluation.")
+    mosaic_prob: float = _field(0.5, "Probability of a Mosaic batch element.")
+    mixup_prob: float = _field(0.15, "Probability of MixUp.")
+    hsv_prob: float = _field(1.0, "Probability of HSV colour jitter.")
+    flip_prob: float = _field(0.5, "Probability of a horizontal flip.")
+    scale_min: float = _field(0.5, "Smallest random scale.")
+    scale_max: float = _field(1.5, "Largest random scale.")
+    shuffle_buffer: int = _field(1024, "Shuffle buffer (examples) per dataset.")
+    seed: int = _field(0, "Seed for data order, augmentation and initialisation.")
+
+    @property
+    def head_names(self) -> Tuple[str, ...]:
+        return tuple(d.name for d in self.datasets)
+
+    def dataset(self, name: str) -> DatasetConfig:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise KeyError(f"No dataset named {name!r}; known: {self.head_names}")
+
+    @property
+    def images_per_step(self) -> int:
+        return sum(d.batch_size for d in self.datasets)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe. Defaults are EfficientDet's (Tan et al. 2020, sec. 5.1
+    and google/automl hparams): SGD momentum 0.9, LR 0.08 per 64 images with
+    linear warmup then cosine decay, weight decay 4e-5, gradient clip norm 10,
+    weight EMA 0.9998."""
+
+    model_dir: str = _field("", "Where config.json, checkpoints and TensorBoard logs go.")
+    mode: str = _field("train_and_eval", "What to run.", MODES)
+    strategy: str = _field(
+        "mirrored", "mirrored: all visible GPUs (or the CPU); multi_worker: "
+        "MultiWorkerMirroredStrategy from TF_CONFIG; one_device.", STRATEGIES)
+    precision: str = _field("float32", "Compute precision; losses stay float32.", PRECISIONS)
+    sync_batchnorm: bool = _field(False, "Synchronise BatchNorm statistics across replicas.")
+    optimizer: str = _field("sgd", "Optimizer.", OPTIMIZERS)
+    learning_rate: float = _field(0.08, "Peak LR per --lr_reference_batch images.")
+    lr_reference_batch: int = _field(64, "Images per step at which --learning_rate applies (scaled linearly).")
+    momentum: float = _field(0.9, "SGD momentum (Adam beta_1 for adam/adamw).")
+    weight_decay: float = _field(4e-5, "Decoupled weight decay; BatchNorm and biases excluded.")
+    global_clipnorm: float = _field(10.0, "Clip gradients to this global norm (0: off).")
+    ema_momentum: float = _field(0.9998, "Weight EMA momentum (0: no EMA).")
+    epochs: int = _field(300, "Training epochs.")
+    steps_per_epoch: int = _field(0, "Steps per epoch (0: the largest dataset seen once).")
+    warmup_epochs: float = _field(1.0, "Linear LR warmup length in epochs.")
+    eval_every_epochs: int = _field(1, "Evaluate (COCO mAP, best checkpoint) every N epochs.")
+    checkpoint_every_steps: int = _field(100, "Save a resumable checkpoint every N steps.")
+    backbone_weights: str = _field("", "Darknet .weights file for the CSPDarknet53 backbone.")
+    fresh_start: bool = _field(False, "Start over in a model dir that holds another run.")
+    max_nonfinite_steps: int = _field(20, "Stop after this many consecutive steps with a non-finite loss.")
+    eval_score_threshold: float = _field(0.001, "Score threshold for COCO evaluation.")
+    eval_iou_threshold: float = _field(0.5, "NMS IoU threshold for evaluation.")
+    eval_max_detections: int = _field(100, "Detections per image for evaluation (COCO: 100).")
+    tensorboard_images: int = _field(4, "Validation images per dataset drawn to TensorBoard.")
+    export_after_training: bool = _field(False, "Export a SavedModel after training.")
+    visualize_after_training: bool = _field(False, "Write a picture of detections after training.")
+    generate_demo_data: str = _field(
+        "", "Generate the demo dataset pair into this folder (if absent) "
+        "and train on it; used by configs/demo.flags.")
+    verbose: int = _field(1, "Keras fit verbosity (1: progress bars).")
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        return int(math.ceil(self.warmup_epochs * steps_per_epoch))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What export.py needs beyond the model dir."""
+
+    export_dir: str = _field("", "SavedModel root; versions go in numbered subfolders.")
+    export_version: int = _field(0, "SavedModel version (0: next free).")
+    score_threshold: float = _field(0.05, "Export score threshold.")
+    iou_threshold: float = _field(0.5, "Export NMS IoU threshold.")
+    max_detections: int = _field(100, "Export detections per image.")
+
+
+SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("export", ExportConfig))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+
+    # ---- what other modules need, named once ----
+    @property
+    def head_names(self) -> Tuple[str, ...]:
+        return self.data.head_names
+
+    @property
+    def heads(self) -> Dict[str, int]:
+        """{dataset name: number of classes}, in dataset order."""
+        return {d.name: d.num_classes for d in self.data.datasets}
+
+    def label_maps(self) -> Dict[str, Dict[str, Any]]:
+        return {d.name: d.label_map() for d in self.data.datasets}
+
+    def detector_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of modeling.detector.Detector for this config."""
+        m = self.model
+        return {
+            "heads": self.heads,
+            "image_size": m.image_size,
+            "width_multiplier": m.width_multiplier,
+            "depth_multiplier": m.depth_multiplier,
+            "fpn_channels": m.fpn_channels,
+            "fpn_repeats": m.fpn_repeats,
+            "head_depth": m.head_depth,
+            "min_level": m.min_level,
+            "max_level": m.max_level,
+            "num_scales": m.num_scales,
+            "aspect_ratios": tuple(m.aspect_ratios),
+            "anchor_scale": m.anchor_scale,
+            "head_loss_weights": {d.name: d.loss_weight for d in self.data.datasets},
+            "box_loss": m.box_loss,
+        }
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+    # ---- JSON ----
+    def to_dict(self) -> Dict[str, Any]:
+        out = {"config_version": CONFIG_VERSION}
+        out.update(dataclasses.asdict(self))
+        # Derived, for readers that do not import effdet_tf (export, people).
+        out["detector_kwargs"] = self.detector_kwargs()
+        out["label_maps"] = self.label_maps()
+        return _jsonable(out)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        version = d.get("config_version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ValueError(
+                f"config.json has config_version {version}, newer than this "
+                f"code's {CONFIG_VERSION}."
+            )
+        sections = {}
+        for name, klass in SECTIONS:
+            sections[name] = _from_dict(klass, d.get(name, {}), name)
+        return cls(**sections)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _from_dict(klass, d: Mapping[str, Any], where: str):
+    """Builds dataclass `klass` from JSON, turning lists back into tuples.
+
+    Unknown keys are an error (a typo in a hand-edited config.json should not
+    silently fall back to a default)."""
+    known = {f.name: f for f in dataclasses.fields(klass)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown keys in config section {where!r}: {unknown}")
+    kwargs = {}
+    for name, value in d.items():
+        if klass is DataConfig and name == "datasets":
+            value = tuple(_dataset_from_dict(v) for v in value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return klass(**kwargs)
+
+
+def _dataset_from_dict(d: Mapping[str, Any]) -> DatasetConfig:
+    d = dict(d)
+    d["classes"] = tuple(ClassEntry(**c) for c in d.get("classes", ()))
+    return _from_dict(DatasetConfig, d, "data.datasets")
+
+
+def classes_from_label_map(label_map: Mapping[str, Any]) -> Tuple[ClassEntry, ...]:
+    """label_map.json (converter format) -> ClassEntry tuple, checked to be
+    contiguous 0..C-1 so head outputs index it directly."""
+    classes = tuple(
+        ClassEntry(index=int(c["index"]), id=int(c["id"]), name=str(c["name"]))
+        for c in label_map["classes"]
+    )
+    classes = tuple(sorted(classes, key=lambda c: c.index))
+    if [c.index for c in classes] != list(range(len(classes))):
+        raise ValueError("label_map.json indices are not contiguous 0..C-1.")
+    return classes
+
+
+def flag_fields():
+    """(section name, dataclass field) for every field that is a flag."""
+    out = []
+    for section, klass in SECTIONS:
+        for f in dataclasses.fields(klass):
+            if f.metadata.get("flag", False):
+                out.append((section, f))
+    return out
+
+
+def check_unique_field_names():
+    names = [f.name for _, f in flag_fields()]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise AssertionError(f"Config field names must be unique: {dupes}")
+
+
+check_unique_field_names()

@@ -1,0 +1,125 @@
+"""Config JSON round trip and the model-dir contract of checkpoint.py."""
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from effdet_tf import checkpoint
+from effdet_tf.config import (ClassEntry, Config, DataConfig, DatasetConfig, ModelConfig, TrainConfig,
+                              classes_from_label_map)
+
+
+def _config(model_dir="", image_size=128, food_classes=10):
+    appliance = DatasetConfig(
+        name="appliance", path="/data/appliance", tfrecord_dir="/cache/appliance",
+        classes=tuple(ClassEntry(i, 78 + i, f"a{i}") for i in range(5)), batch_size=4)
+    food = DatasetConfig(
+        name="food", path="/data/food", tfrecord_dir="/cache/food",
+        classes=tuple(ClassEntry(i, 52 + i, f"f{i}") for i in range(food_classes)), batch_size=2, loss_weight=2.0)
+    return Config(
+        model=ModelConfig(image_size=image_size, width_multiplier=0.125),
+        data=DataConfig(datasets=(appliance, food)),
+        train=TrainConfig(model_dir=str(model_dir)),
+    )
+
+
+def test_json_round_trip_is_exact():
+    config = _config()
+    again = Config.from_json(config.to_json())
+    assert again == config
+    assert isinstance(again.model.aspect_ratios, tuple)
+    assert isinstance(again.data.datasets[0].classes[0], ClassEntry)
+
+
+def test_json_holds_detector_kwargs_and_label_maps():
+    d = json.loads(_config().to_json())
+    assert d["detector_kwargs"]["heads"] == {"appliance": 5, "food": 10}
+    assert d["detector_kwargs"]["image_size"] == 128
+    assert d["detector_kwargs"]["head_loss_weights"] == {"appliance": 1.0, "food": 2.0}
+    assert d["label_maps"]["food"]["classes"][0] == {"index": 0, "id": 52, "name": "f0"}
+
+
+def test_config_is_frozen():
+    config = _config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model.image_size = 256
+
+
+def test_unknown_key_in_json_is_an_error():
+    d = _config().to_dict()
+    d["train"]["learnig_rate"] = 1.0
+    with pytest.raises(ValueError, match="learnig_rate"):
+        Config.from_dict(d)
+
+
+def test_label_map_must_be_contiguous():
+    good = {"classes": [{"index": 1, "id": 9, "name": "b"}, {"index": 0, "id": 3, "name": "a"}]}
+    assert [c.id for c in classes_from_label_map(good)] == [3, 9]
+    with pytest.raises(ValueError):
+        classes_from_label_map({"classes": [{"index": 1, "id": 9, "name": "b"}]})
+
+
+def test_incompatible_model_dir_refused_unless_fresh_start(tmp_path):
+    checkpoint.prepare_model_dir(_config(tmp_path))
+    assert checkpoint.read_config(tmp_path) == _config(tmp_path)
+    # Same architecture and label space: resumable.
+    checkpoint.prepare_model_dir(_config(tmp_path))
+    with pytest.raises(checkpoint.IncompatibleModelDirError, match="image_size"):
+        checkpoint.prepare_model_dir(_config(tmp_path, image_size=256))
+    with pytest.raises(checkpoint.IncompatibleModelDirError, match="'food' has 10 classes"):
+        checkpoint.prepare_model_dir(_config(tmp_path, food_classes=7))
+    fresh = _config(tmp_path, image_size=256)
+    fresh = fresh.replace(train=dataclasses.replace(fresh.train, fresh_start=True))
+    checkpoint.prepare_model_dir(fresh)
+    assert checkpoint.read_config(tmp_path).model.image_size == 256
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match="no config.json"):
+        checkpoint.load_detector(str(tmp_path))
+    checkpoint.write_config(str(tmp_path), _config(tmp_path))
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match="no checkpoint"):
+        checkpoint.load_detector(str(tmp_path))
+
+
+def _tiny_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9, use_ema=True, ema_momentum=0.5), "mse")
+    return model
+
+
+def test_backup_is_atomic_and_restores_optimizer_state(tmp_path):
+    model = _tiny_model()
+    x, y = np.ones((8, 3), np.float32), np.ones((8, 2), np.float32)
+    backup = checkpoint.ResumableBackup(str(tmp_path), keep=2)
+    model.fit(x, y, batch_size=4, epochs=3, callbacks=[backup], verbose=0)
+    backups = checkpoint.list_backups(os.path.join(tmp_path, checkpoint.BACKUP_DIR))
+    assert [os.path.basename(b) for b in backups] == ["ckpt-0000000006", "ckpt-0000000004"]
+    # A half-written backup (no rename happened) is never picked up ...
+    os.makedirs(os.path.join(tmp_path, checkpoint.BACKUP_DIR, ".tmp-dead"))
+    # ... and a corrupt newest backup falls back to the previous one.
+    with open(os.path.join(backups[0], "state.weights.h5"), "wb") as f:
+        f.write(b"truncated")
+    other = _tiny_model()
+    meta = checkpoint.restore_training_state(other, str(tmp_path))
+    assert meta["step"] == 4
+    assert int(other.optimizer.iterations.numpy()) == 4
+
+
+def test_ema_weights_swap_in_and_back(tmp_path):
+    model = _tiny_model()
+    model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, epochs=2, verbose=0)
+    before = [w.copy() for w in model.get_weights()]
+    ema = [v.numpy() for v in model.optimizer._model_variables_moving_average]
+    with checkpoint.ema_weights(model):
+        np.testing.assert_allclose(model.get_weights()[0], ema[0], rtol=1e-6)
+    np.testing.assert_allclose(model.get_weights()[0], before[0], rtol=1e-6)
+    checkpoint.save_ema_weights(model, str(tmp_path), "last")
+    fresh = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    fresh.load_weights(os.path.join(tmp_path, checkpoint.LAST_WEIGHTS))
+    np.testing.assert_allclose(fresh.get_weights()[0], ema[0], rtol=1e-6)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
