@@ -1,0 +1,140 @@
+"""Tests for effdet_tf.ops.label_encoder: matching, forcing, crowd, tf.data."""
+
+import numpy as np
+import tensorflow as tf
+
+from effdet_tf.ops import boxes as box_ops
+from effdet_tf.ops.anchors import Anchors
+from effdet_tf.ops.label_encoder import LabelEncoder
+
+ANCHORS = Anchors(128)  # 2304 + 576 + 144 + 36 + 9 anchors: fast
+
+
+def _encode(encoder, boxes, classes, crowd=None):
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    classes = np.asarray(classes, np.int32).reshape(-1)
+    crowd = (np.zeros(len(classes), bool) if crowd is None
+             else np.asarray(crowd, bool))
+    out = encoder(boxes, classes, crowd)
+    return out["cls_targets"].numpy(), out["box_targets"].numpy()
+
+
+def test_box_equal_to_anchor_is_positive_and_targets_decode_back():
+    anchors = ANCHORS.numpy()
+    gt = np.stack([anchors[100], [30.0, 40.0, 90.0, 70.0]])
+    cls, box = _encode(LabelEncoder(ANCHORS), gt, [3, 1])
+    assert cls.shape == (ANCHORS.num_anchors,) and cls.dtype == np.int32
+    assert box.shape == (ANCHORS.num_anchors, 4)
+    assert cls[100] == 3
+    np.testing.assert_allclose(box[100], 0.0, atol=1e-6)
+    positives = np.where(cls >= 0)[0]
+    assert set(cls[positives]) == {1, 3}
+    # Every positive decodes back to the box of its class.
+    decoded = box_ops.decode(box[positives], anchors[positives]).numpy()
+    want = gt[np.where(cls[positives] == 3, 0, 1)]
+    np.testing.assert_allclose(decoded, want, rtol=1e-4, atol=1e-3)
+    # Every positive has IoU >= 0.5 with its box or is that box's best.
+    all_ious = box_ops.iou(anchors, gt).numpy()
+    own = all_ious[positives, np.where(cls[positives] == 3, 0, 1)]
+    best = set(np.argmax(all_ious, axis=0))
+    assert all(iou >= 0.5 or p in best for p, iou in zip(positives, own))
+    assert np.all(cls[all_ious.max(axis=1) >= 0.5] >= 0)
+    assert np.all(box[cls < 0] == 0.0)
+
+
+def test_tiny_box_is_force_matched_to_its_best_anchor():
+    tiny = np.array([[50.0, 60.0, 53.0, 62.0]], np.float32)  # 3x2 px
+    ious = box_ops.iou(ANCHORS.numpy(), tiny).numpy()[:, 0]
+    assert ious.max() < 0.5  # would get no positive without forcing
+    cls, box = _encode(LabelEncoder(ANCHORS), tiny, [7])
+    assert np.count_nonzero(cls >= 0) == 1
+    best = int(np.argmax(ious))
+    assert cls[best] == 7
+    decoded = box_ops.decode(box[best], ANCHORS.numpy()[best]).numpy()
+    np.testing.assert_allclose(decoded, tiny[0], atol=1e-3)
+
+
+def test_crowd_is_never_matched_and_covered_anchors_are_ignored():
+    anchors = ANCHORS.numpy()
+    crowd_box = [0.0, 0.0, 64.0, 64.0]
+    # A crowd box that equals an anchor exactly (IoU 1) must not match it.
+    cls, box = _encode(LabelEncoder(ANCHORS),
+                       [crowd_box, anchors[5]], [2, 4], crowd=[True, True])
+    assert not np.any(cls >= 0)
+    assert np.all(box == 0.0)
+    inside = np.all((anchors[:, :2] >= 0) & (anchors[:, 2:] <= 64), axis=1)
+    far = anchors[:, 0] >= 80
+    assert inside.sum() > 0 and far.sum() > 0
+    assert np.all(cls[inside] == -2)
+    assert np.all(cls[far] == -1)
+    # A real box inside the crowd still gets its positives.
+    cls, _ = _encode(LabelEncoder(ANCHORS), [crowd_box, [8, 8, 40, 40]],
+                     [2, 4], crowd=[True, False])
+    assert np.any(cls == 4) and not np.any(cls == 2)
+
+
+def test_ignore_band_between_thresholds():
+    anchors = ANCHORS.numpy()
+    gt = anchors[40].copy()
+    gt[3] += (gt[3] - gt[1]) * 0.25  # widen: IoU with anchor 40 is 0.8
+    ious = box_ops.iou(anchors, gt[None]).numpy()[:, 0]
+    band = (ious >= 0.3) & (ious < 0.5)
+    assert band.any()
+    cls, _ = _encode(LabelEncoder(ANCHORS, 0.5, 0.3), gt[None], [0])
+    assert np.all(cls[band] == -2)
+    assert np.all(cls[ious < 0.3] == -1)
+    assert np.all(cls[ious >= 0.5] == 0)
+    # Default thresholds (0.5/0.5): no ignore band at all.
+    cls, _ = _encode(LabelEncoder(ANCHORS), gt[None], [0])
+    assert not np.any(cls == -2)
+
+
+def test_empty_image_is_all_background():
+    cls, box = _encode(LabelEncoder(ANCHORS), np.zeros([0, 4]), [])
+    assert np.all(cls == -1)
+    assert np.all(box == 0.0)
+    # Padding rows (zero area, class -1) behave like no boxes.
+    cls, _ = _encode(LabelEncoder(ANCHORS), np.zeros([3, 4]), [-1, -1, 0])
+    assert np.all(cls == -1)
+
+
+def _examples():
+    anchors = ANCHORS.numpy()
+    return [
+        (np.zeros([0, 4], np.float32), np.zeros([0], np.int32),
+         np.zeros([0], bool)),
+        (np.array([[10, 20, 60, 90], [50, 60, 52, 63]], np.float32),
+         np.array([0, 2], np.int32), np.array([False, False])),
+        (np.stack([anchors[7], [0, 0, 128, 60]]).astype(np.float32),
+         np.array([1, 1], np.int32), np.array([False, True])),
+    ]
+
+
+def test_dataset_map_matches_eager():
+    encoder = LabelEncoder(ANCHORS)
+    examples = _examples()
+    ds = tf.data.Dataset.from_generator(
+        lambda: iter(examples),
+        output_signature=(tf.TensorSpec([None, 4], tf.float32),
+                          tf.TensorSpec([None], tf.int32),
+                          tf.TensorSpec([None], tf.bool)))
+    mapped = list(ds.map(encoder).batch(3).as_numpy_iterator())
+    assert len(mapped) == 1
+    for i, (boxes, classes, crowd) in enumerate(examples):
+        eager = encoder(boxes, classes, crowd)
+        np.testing.assert_array_equal(mapped[0]["cls_targets"][i],
+                                      eager["cls_targets"].numpy())
+        np.testing.assert_allclose(mapped[0]["box_targets"][i],
+                                   eager["box_targets"].numpy(), atol=1e-6)
+    assert np.any(mapped[0]["cls_targets"][1] == 2)
+
+
+def test_tensor_anchors_and_config_round_trip():
+    encoder = LabelEncoder(ANCHORS, 0.6, 0.4, 0.5)
+    clone = LabelEncoder.from_config(encoder.get_config())
+    assert clone.get_config() == encoder.get_config()
+    gt, labels = _examples()[1][:2]
+    by_tensor = LabelEncoder(ANCHORS.boxes)(gt, labels)
+    by_object = LabelEncoder(ANCHORS)(gt, labels)
+    np.testing.assert_array_equal(by_tensor["cls_targets"],
+                                  by_object["cls_targets"])
