@@ -202,11 +202,19 @@ def clear_checkpoints(model_dir):
 
 
 # ---------------------------------------------------------------- detector
-def build_detector(config: Config):
-    """A built Detector for `config` (weights freshly initialised)."""
+def build_detector(config: Config, dtype=None):
+    """A built Detector for `config` (weights freshly initialised), under the
+    global dtype policy, or under `dtype` (e.g. "float32") if given."""
     from effdet_tf.modeling.detector import Detector
 
-    return Detector(**config.detector_kwargs())
+    if dtype is None:
+        return Detector(**config.detector_kwargs())
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)
+    try:
+        return Detector(**config.detector_kwargs(), dtype=dtype)
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def weights_path(model_dir, which="best"):
@@ -241,7 +249,7 @@ def load_detector(model_dir, which="best") -> Tuple["keras.Model", Config]:
         raise CheckpointNotFoundError(f"Model dir {model_dir} does not exist.")
     config = read_config(model_dir)
     path = weights_path(model_dir, which)
-    detector = build_detector(config)
+    detector = build_detector(config, dtype="float32")
     detector.load_weights(path)
     return detector, config
 

@@ -26,6 +26,11 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 BOX_LOSSES = ("huber", "giou", "ciou")
 
 
+class ConfigError(ValueError):
+    """A flag value (or combination) that cannot run; the message starts
+    with the flag it is about, e.g. "--batch_size=6: ..."."""
+
+
 def _field(default, help, choices=None, flag=True):
     """A dataclass field with the help text (and choices) its flag shows."""
     metadata = {"help": help, "flag": flag}
@@ -92,7 +97,7 @@ class ModelConfig:
 
     def check(self):
         if self.image_size % (2 ** self.max_level):
-            raise ValueError(
+            raise ConfigError(
                 f"--image_size={self.image_size} must be a multiple of "
                 f"2**max_level = {2 ** self.max_level}."
             )
@@ -236,6 +241,9 @@ class Config:
     def replace(self, **sections) -> "Config":
         return dataclasses.replace(self, **sections)
 
+    def with_datasets(self, datasets) -> "Config":
+        return self.replace(data=dataclasses.replace(self.data, datasets=tuple(datasets)))
+
     # ---- JSON ----
     def to_dict(self) -> Dict[str, Any]:
         out = {"config_version": CONFIG_VERSION}
@@ -310,6 +318,40 @@ def classes_from_label_map(label_map: Mapping[str, Any]) -> Tuple[ClassEntry, ..
     if [c.index for c in classes] != list(range(len(classes))):
         raise ValueError("label_map.json indices are not contiguous 0..C-1.")
     return classes
+
+
+def check(config: "Config"):
+    """Checks that need no strategy and no files. Messages name the flag."""
+    config.model.check()
+    t, d = config.train, config.data
+    positive = {"batch_size": d.batch_size, "eval_batch_size": d.eval_batch_size, "epochs": t.epochs,
+                "checkpoint_every_steps": t.checkpoint_every_steps, "eval_every_epochs": t.eval_every_epochs,
+                "lr_reference_batch": t.lr_reference_batch, "eval_max_detections": t.eval_max_detections}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"--{name}={value}: must be positive.")
+    if t.steps_per_epoch < 0:
+        raise ConfigError(f"--steps_per_epoch={t.steps_per_epoch}: must be >= 0 (0: one pass over the data).")
+    if not 0.0 <= t.ema_momentum < 1.0:
+        raise ConfigError(f"--ema_momentum={t.ema_momentum}: must be in [0, 1).")
+    if t.learning_rate <= 0:
+        raise ConfigError(f"--learning_rate={t.learning_rate}: must be positive.")
+    if d.scale_min <= 0 or d.scale_min > d.scale_max:
+        raise ConfigError(f"--scale_min={d.scale_min} / --scale_max={d.scale_max}: need 0 < scale_min <= scale_max.")
+    for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "flip_prob"):
+        value = getattr(d, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name}={value}: a probability must be in [0, 1].")
+
+
+def check_replicas(config: "Config", num_replicas: int):
+    """Each dataset's global batch must split evenly over the replicas."""
+    for ds in config.data.datasets:
+        if ds.batch_size % num_replicas:
+            flag = "--batch_size" if ds.batch_size == config.data.batch_size else f"--dataset_batch_size={ds.name}"
+            raise ConfigError(
+                f"{flag}={ds.batch_size} is not divisible by the {num_replicas} replicas of "
+                f"--strategy={config.train.strategy} (dataset {ds.name!r}).")
 
 
 def flag_fields():

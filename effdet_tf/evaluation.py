@@ -1,0 +1,203 @@
+"""COCO mAP per dataset, with pycocotools, in each dataset's own terms.
+
+Detections leave the model as yxyx boxes in model pixels with contiguous
+class indices. COCO's evaluator wants original image ids, the dataset's own
+category ids and [x, y, width, height] boxes in original image pixels; this
+module is the edge where that translation happens (model px / scale, then
+clip to the original image, then xywh), and the only place it happens.
+
+`CocoEvaluator` is numpy only (tests feed it directly). `evaluate(...)` runs
+a detector over a dataset's eval pipeline and feeds the evaluator;
+`EvaluationCallback` (train_lib) calls it with the EMA weights swapped in.
+"""
+
+import contextlib
+import copy
+import io
+import json
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+# The 12 numbers of COCOeval.summarize(), in order; TensorBoard and the
+# logs use these names.
+METRIC_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+                "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+
+
+def _quiet():
+    """pycocotools prints progress to stdout; keep the training log clean."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def load_coco(annotations):
+    """A pycocotools COCO from a json path or an already loaded dict."""
+    from pycocotools.coco import COCO
+
+    if isinstance(annotations, str) or hasattr(annotations, "__fspath__"):
+        with open(annotations) as f:
+            annotations = json.load(f)
+    dataset = copy.deepcopy(dict(annotations))
+    dataset.setdefault("info", {})
+    dataset.setdefault("licenses", [])
+    dataset.setdefault("annotations", [])
+    coco = COCO()
+    coco.dataset = dataset
+    with _quiet():
+        coco.createIndex()
+    return coco
+
+
+class CocoEvaluator:
+    """Accumulates one dataset's detections and computes COCO metrics.
+
+    Args:
+      annotations: the dataset's COCO ground truth (json path or dict) with
+        its original image and category ids (the converter's
+        `<split>_annotations.json`).
+      category_ids: [C] COCO category id of each contiguous class index
+        (label_map.json's "id" in index order).
+    """
+
+    def __init__(self, annotations, category_ids: Sequence[int]):
+        self.coco = load_coco(annotations)
+        self.category_ids = np.asarray(category_ids, np.int64)
+        unknown = set(self.category_ids.tolist()) - set(self.coco.getCatIds())
+        if unknown:
+            raise ValueError(f"Label map category ids {sorted(unknown)} are not in the ground truth's categories.")
+        self.reset()
+
+    def reset(self):
+        self.results = []
+        self.image_ids = set()
+
+    def add(self, image_ids, boxes, scores, classes, num_detections, scales, original_sizes=None):
+        """Adds a batch of detections.
+
+        Args:
+          image_ids: [B] original COCO image ids.
+          boxes: [B, K, 4] yxyx in MODEL pixels (original px * scale).
+          scores: [B, K]; classes: [B, K] contiguous indices;
+          num_detections: [B] valid entries of K.
+          scales: [B] model px per original px.
+          original_sizes: [B, 2] (height, width) to clip to; None: the
+            ground truth's image sizes.
+        """
+        image_ids = np.asarray(image_ids).reshape(-1).astype(np.int64)
+        boxes = np.asarray(boxes, np.float64)
+        scores = np.asarray(scores, np.float64)
+        classes = np.asarray(classes).astype(np.int64)
+        num_detections = np.asarray(num_detections).reshape(-1).astype(np.int64)
+        scales = np.asarray(scales, np.float64).reshape(-1)
+        for b, image_id in enumerate(image_ids):
+            image_id = int(image_id)
+            if image_id not in self.coco.imgs:
+                raise ValueError(f"Image id {image_id} is not in the ground truth.")
+            self.image_ids.add(image_id)
+            if original_sizes is not None:
+                height, width = (float(v) for v in np.asarray(original_sizes)[b])
+            else:
+                info = self.coco.imgs[image_id]
+                height, width = float(info["height"]), float(info["width"])
+            n = int(num_detections[b])
+            if n == 0:
+                continue
+            # Model px -> original px, clipped to the original image (the
+            # padded area lies outside it).
+            yxyx = boxes[b, :n] / scales[b]
+            yxyx[:, 0::2] = np.clip(yxyx[:, 0::2], 0.0, height)
+            yxyx[:, 1::2] = np.clip(yxyx[:, 1::2], 0.0, width)
+            xywh = np.stack([yxyx[:, 1], yxyx[:, 0], yxyx[:, 3] - yxyx[:, 1], yxyx[:, 2] - yxyx[:, 0]], axis=-1)
+            for box, score, cls in zip(xywh, scores[b, :n], classes[b, :n]):
+                if box[2] <= 0 or box[3] <= 0:
+                    continue
+                self.results.append({
+                    "image_id": image_id,
+                    "category_id": int(self.category_ids[int(cls)]),
+                    "bbox": [round(float(v), 3) for v in box],
+                    "score": float(score),
+                })
+
+    def add_coco_results(self, results, image_ids=None):
+        """Adds detections already in COCO results format."""
+        self.results.extend(results)
+        self.image_ids.update(int(i) for i in (image_ids if image_ids is not None else
+                                                [r["image_id"] for r in results]))
+
+    def result(self) -> Dict[str, float]:
+        """COCO metrics over the images added so far (all zero without
+        detections). Only the evaluated images count, so a partial pass
+        (--eval_max_images, skipped corrupt images) is not penalised."""
+        from pycocotools.cocoeval import COCOeval
+
+        if not self.image_ids:
+            raise ValueError("No images were evaluated.")
+        if not self.results:
+            return {name: 0.0 for name in METRIC_NAMES}
+        with _quiet():
+            detections = self.coco.loadRes(copy.deepcopy(self.results))
+            coco_eval = COCOeval(self.coco, detections, iouType="bbox")
+            coco_eval.params.imgIds = sorted(self.image_ids)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        # -1 marks "no ground truth in this area range": report 0 instead of
+        # a negative AP on charts.
+        return {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
+
+
+def evaluate(detector, dataset, evaluator: CocoEvaluator, head: str, score_threshold=0.001,
+             iou_threshold=0.5, max_detections=100, max_batches: Optional[int] = None, keep_images=0):
+    """Runs `detector`'s head `head` over an eval pipeline and returns
+    (metrics, samples).
+
+    `dataset` yields dicts {"images" [B,S,S,3], "image_id" [B], "scale" [B],
+    "original_size" [B,2]} (data.pipeline.eval_dataset). `samples` holds the
+    first `keep_images` images with their detections (model px) for
+    TensorBoard.
+    """
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def detect(images):
+        return detector.detect(images, score_threshold=score_threshold, iou_threshold=iou_threshold,
+                               max_detections=max_detections, heads=[head])[head]
+
+    evaluator.reset()
+    samples = []
+    for i, batch in enumerate(dataset):
+        if max_batches is not None and i >= max_batches:
+            break
+        out = {k: v.numpy() for k, v in detect(batch["images"]).items()}
+        evaluator.add(batch["image_id"].numpy(), out["boxes"], out["scores"], out["classes"],
+                      out["num_detections"], batch["scale"].numpy(), batch["original_size"].numpy())
+        for b in range(len(out["num_detections"])):
+            if len(samples) >= keep_images:
+                break
+            n = int(out["num_detections"][b])
+            samples.append({
+                "image": batch["images"][b].numpy(),
+                "image_id": int(batch["image_id"][b].numpy()),
+                "scale": float(batch["scale"][b].numpy()),
+                "original_size": batch["original_size"][b].numpy().tolist(),
+                "boxes": out["boxes"][b, :n], "scores": out["scores"][b, :n], "classes": out["classes"][b, :n],
+            })
+    return evaluator.result(), samples
+
+
+def ground_truth_in_model_px(coco, image_id, scale, category_ids):
+    """Non-crowd ground truth of one image as (yxyx model px, class index)."""
+    index_of = {int(c): i for i, c in enumerate(category_ids)}
+    boxes, classes = [], []
+    for ann in coco.imgToAnns.get(int(image_id), []):
+        if ann.get("iscrowd", 0) or int(ann["category_id"]) not in index_of:
+            continue
+        x, y, w, h = ann["bbox"]
+        boxes.append([y * scale, x * scale, (y + h) * scale, (x + w) * scale])
+        classes.append(index_of[int(ann["category_id"])])
+    return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64)
+
+
+def mean_ap(metrics: Mapping[str, Mapping[str, float]]) -> float:
+    """Mean over datasets of COCO AP@[.5:.95] (what picks the best checkpoint)."""
+    return float(np.mean([m["AP"] for m in metrics.values()])) if metrics else 0.0
