@@ -239,5 +239,7 @@ def ciou(boxes1, boxes2):
     v = (4.0 / math.pi**2) * tf.square(
         tf.atan(w1 / (h1 + _EPSILON)) - tf.atan(w2 / (h2 + _EPSILON))
     )
-    alpha = tf.stop_gradient(v / (1.0 - iou_value + v + _EPSILON))
+    # divide_no_nan, not "+ eps": grappler may fold (1 + eps) - iou into
+    # 1 - iou, giving 0 / 0 for identical boxes inside a tf.function.
+    alpha = tf.stop_gradient(tf.math.divide_no_nan(v, 1.0 - iou_value + v))
     return iou_value - centre_distance / diagonal - alpha * v
