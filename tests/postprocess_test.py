@@ -1,0 +1,125 @@
+"""Tests for effdet_tf.ops.postprocess: decode, per-class NMS, padding."""
+
+import numpy as np
+import tensorflow as tf
+
+from effdet_tf.ops import boxes as box_ops
+from effdet_tf.ops.anchors import Anchors
+from effdet_tf.ops.postprocess import postprocess
+
+ANCHORS = Anchors(128)
+N = ANCHORS.num_anchors
+C = 3
+BOXES = ANCHORS.numpy()
+
+
+def _location(level_offset, row, col, width, anchor):
+    return level_offset + (row * width + col) * 9 + anchor
+
+
+# Level 3 at 128 px: 16x16 grid. Octave 0 and octave 1 ratio-1 anchors at
+# the same location overlap with IoU 2^(-2/3) = 0.63 > 0.5.
+A_BIG = _location(0, 4, 4, 16, 3)    # octave 1, ratio 1
+A_SMALL = _location(0, 4, 4, 16, 0)  # octave 0, ratio 1, same centre
+A_FAR = _location(0, 12, 12, 16, 0)
+
+
+def _outputs(planted, batch=1):
+    logits = np.full((batch, N, C), -8.0, np.float32)
+    for b, anchor, cls, logit in planted:
+        logits[b, anchor, cls] = logit
+    return tf.constant(logits), tf.zeros((batch, N, 4))
+
+
+def test_overlap_premise():
+    iou = box_ops.iou(BOXES[[A_BIG]], BOXES[[A_SMALL]]).numpy()[0, 0]
+    assert 0.6 < iou < 0.65
+
+
+def test_planted_boxes_come_back_with_their_classes():
+    logits, deltas = _outputs([(0, A_FAR, 2, 5.0), (0, A_BIG, 0, 3.0)])
+    # A non-zero delta moves the far box: decoding must be applied.
+    deltas = deltas.numpy()
+    deltas[0, A_FAR] = [0.25, -0.25, np.log(2.0), 0.0]
+    out = postprocess(logits, tf.constant(deltas), ANCHORS, max_detections=10)
+    assert out["boxes"].shape == (1, 10, 4)
+    assert out["classes"].dtype == tf.int32
+    assert out["num_detections"].numpy().tolist() == [2]
+    np.testing.assert_array_equal(out["classes"].numpy()[0, :2], [2, 0])
+    np.testing.assert_allclose(out["scores"].numpy()[0, :2],
+                               1 / (1 + np.exp([-5.0, -3.0])), rtol=1e-5)
+    want_far = box_ops.decode(deltas[0, A_FAR], BOXES[A_FAR]).numpy()
+    np.testing.assert_allclose(out["boxes"].numpy()[0, 0], want_far,
+                               rtol=1e-5)
+    np.testing.assert_allclose(out["boxes"].numpy()[0, 1], BOXES[A_BIG],
+                               rtol=1e-5)
+    # Padding to max_detections with zeros.
+    assert np.all(out["scores"].numpy()[0, 2:] == 0.0)
+    assert np.all(out["boxes"].numpy()[0, 2:] == 0.0)
+
+
+def test_nms_suppresses_within_class_not_across_classes():
+    same = _outputs([(0, A_BIG, 1, 4.0), (0, A_SMALL, 1, 3.0)])
+    out = postprocess(*same, ANCHORS)
+    assert out["num_detections"].numpy()[0] == 1
+    np.testing.assert_allclose(out["boxes"].numpy()[0, 0], BOXES[A_BIG],
+                               rtol=1e-5)
+    across = _outputs([(0, A_BIG, 1, 4.0), (0, A_SMALL, 2, 3.0)])
+    out = postprocess(*across, ANCHORS)
+    assert out["num_detections"].numpy()[0] == 2
+    np.testing.assert_array_equal(out["classes"].numpy()[0, :2], [1, 2])
+    # A looser IoU threshold keeps both same-class boxes.
+    out = postprocess(*same, ANCHORS, iou_threshold=0.7)
+    assert out["num_detections"].numpy()[0] == 2
+
+
+def test_thresholds_topk_and_max_detections():
+    planted = [(0, _location(0, r, 2, 16, 0), 0, 2.0 + 0.1 * r)
+               for r in range(0, 16, 2)]  # 8 disjoint boxes
+    planted.append((0, A_FAR, 1, -2.5))  # sigmoid 0.076
+    logits, deltas = _outputs(planted)
+    assert postprocess(logits, deltas, ANCHORS)["num_detections"][0] == 9
+    assert postprocess(logits, deltas, ANCHORS,
+                       score_threshold=0.1)["num_detections"][0] == 8
+    capped = postprocess(logits, deltas, ANCHORS, max_detections=3)
+    assert capped["scores"].shape == (1, 3)
+    assert capped["num_detections"].numpy()[0] == 3
+    # Best first.
+    np.testing.assert_allclose(capped["scores"].numpy()[0],
+                               1 / (1 + np.exp(-np.array([3.4, 3.2, 3.0]))),
+                               rtol=1e-5)
+    top2 = postprocess(logits, deltas, ANCHORS, pre_nms_topk=2)
+    assert top2["num_detections"].numpy()[0] == 2
+
+
+def test_images_in_a_batch_are_independent_and_float16_works():
+    logits, deltas = _outputs([(0, A_BIG, 0, 4.0), (1, A_FAR, 2, 4.0),
+                               (1, A_SMALL, 1, 3.0)], batch=2)
+    out = postprocess(tf.cast(logits, tf.float16), tf.cast(deltas, tf.float16),
+                      ANCHORS.boxes)
+    assert out["scores"].dtype == tf.float32
+    assert out["num_detections"].numpy().tolist() == [1, 2]
+    np.testing.assert_array_equal(out["classes"].numpy()[1, :2], [2, 1])
+
+
+def test_exports_with_unknown_batch(tmp_path):
+    class Module(tf.Module):
+        @tf.function(input_signature=[
+            tf.TensorSpec([None, N, C], tf.float32),
+            tf.TensorSpec([None, N, 4], tf.float32)])
+        def detect(self, logits, deltas):
+            return postprocess(logits, deltas, ANCHORS, max_detections=7)
+
+    module = Module()
+    concrete = module.detect.get_concrete_function()
+    assert concrete.structured_outputs["boxes"].shape.as_list() == [None, 7,
+                                                                    4]
+    assert concrete.structured_outputs["num_detections"].shape.as_list() == [
+        None]
+    tf.saved_model.save(module, str(tmp_path))
+    loaded = tf.saved_model.load(str(tmp_path))
+    logits, deltas = _outputs([(2, A_FAR, 1, 4.0)], batch=3)
+    out = loaded.detect(logits, deltas)
+    assert out["num_detections"].numpy().tolist() == [0, 0, 1]
+    np.testing.assert_allclose(out["boxes"].numpy()[2, 0], BOXES[A_FAR],
+                               rtol=1e-5)
