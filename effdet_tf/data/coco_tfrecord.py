@@ -1,0 +1,424 @@
+"""COCO json + image folder -> sharded TFRecords, a label map and a report.
+
+    python -m effdet_tf.data.coco_tfrecord --coco_root=DATA/appliance --output_dir=OUT
+    python -m effdet_tf.data.coco_tfrecord --annotations_file=A.json \\
+        --image_dir=IMAGES --output_dir=OUT --split=train [--num_shards=N] [--strict]
+
+Writes `OUT/<split>-0000k-of-0000N.tfrecord` (tf.Example keys as the TF Object
+Detection API's create_coco_tf_record.py names them; `image/object/class/label`
+is the contiguous index 0..C-1), `OUT/label_map.json` (index -> COCO id and
+name, sorted by COCO id), `OUT/<split>_annotations.json` (the COCO json of
+exactly what went into the shards: the evaluator's ground truth) and
+`OUT/report_<split>.json`. The source folder is only ever read.
+
+Every image and annotation ends in the shards or in the report, under one
+reason from `REASONS`. Output is deterministic: results come back from the
+workers in input order, so the same input gives the same bytes whatever the
+number of workers.
+"""
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import tensorflow as tf
+from tqdm import tqdm
+
+from effdet_tf.data import coco_checks
+from effdet_tf.data.coco_checks import REASONS, SKIP_REASONS, ConversionError
+
+# Bump when the output of the same input changes: invalidates ensure_tfrecords' cache.
+CONVERTER_VERSION = "1"
+SPLITS = ("train", "val")
+_SHARD_BYTES = 128 << 20  # ~100-200 MB shards, as the tf.data performance guide suggests
+_MAX_LISTED = 50  # problems listed per reason in the report (counts stay complete)
+
+
+def _feature(values, kind):
+    if kind == "bytes":
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+    if kind == "int":
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+    return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+
+
+def _example(image_id, file_name, loaded, boxes):
+    """tf.Example of one image; `boxes` are dicts from coco_checks.check_annotation."""
+    h, w = loaded["height"], loaded["width"]
+    f = {
+        "image/encoded": _feature([loaded["encoded"]], "bytes"),
+        "image/format": _feature([loaded["format"].encode()], "bytes"),
+        "image/height": _feature([h], "int"),
+        "image/width": _feature([w], "int"),
+        "image/source_id": _feature([str(image_id).encode()], "bytes"),
+        "image/filename": _feature([file_name.encode()], "bytes"),
+        "image/object/bbox/xmin": _feature([b["xyxy"][0] / w for b in boxes], "float"),
+        "image/object/bbox/ymin": _feature([b["xyxy"][1] / h for b in boxes], "float"),
+        "image/object/bbox/xmax": _feature([b["xyxy"][2] / w for b in boxes], "float"),
+        "image/object/bbox/ymax": _feature([b["xyxy"][3] / h for b in boxes], "float"),
+        "image/object/class/label": _feature([b["label"] for b in boxes], "int"),
+        "image/object/class/text": _feature([b["name"].encode() for b in boxes], "bytes"),
+        "image/object/is_crowd": _feature([b["iscrowd"] for b in boxes], "int"),
+        "image/object/area": _feature([b["area"] for b in boxes], "float"),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString()
+
+
+class _Report:
+    """Counts every outcome by reason; lists the first few of each."""
+
+    def __init__(self):
+        self.counts, self.listed = {}, []
+
+    def add(self, reason, file=None, image_id=None, annotation_id=None, detail=None):
+        assert reason in REASONS, reason
+        n = self.counts.get(reason, 0)
+        self.counts[reason] = n + 1
+        if n < _MAX_LISTED:
+            entry = {"reason": reason, "file": file, "image_id": image_id}
+            if annotation_id is not None:
+                entry["annotation_id"] = annotation_id
+            if detail:
+                entry["detail"] = detail
+            self.listed.append(entry)
+
+
+def _map_ordered(fn, items, num_workers, desc, progress):
+    """fn over items in order: a process pool when it pays, else in-process."""
+    bar = dict(total=len(items), desc=desc, unit="img", disable=not progress)
+    if num_workers <= 1 or len(items) < 16:
+        yield from tqdm(map(fn, items), **bar)
+        return
+    # fork: the workers only run cv2/numpy (never TensorFlow), and forking
+    # avoids re-importing the caller's __main__ (train.py and its TF) per worker.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    with ctx.Pool(num_workers, initializer=coco_checks.worker_init) as pool:
+        # imap keeps input order, so scheduling never changes the output bytes.
+        yield from tqdm(pool.imap(fn, items, chunksize=8), **bar)
+
+
+def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="train",
+                 num_shards=None, strict=False, keep_unusable=False, num_workers=None,
+                 name=None, categories=None, progress=True, verbose=True, coco=None):
+    """Converts one split; returns the report dict (also saved as report_<split>.json).
+
+    Args:
+      coco_root_or_json: a COCO root (annotations/instances_<split>2017.json and
+        <split>2017/ inside) or the annotations json itself.
+      image_dir: image folder (default: <root>/<split>2017 for a root).
+      output_dir: where shards, label_map.json, <split>_annotations.json and
+        report_<split>.json go. Must not be inside the source folder.
+      split: "train" or "val" (any name works; it prefixes the outputs).
+      num_shards: default: one per ~128 MB of source images.
+      strict: any skipped image or dropped annotation raises ConversionError.
+      keep_unusable: keep images whose every annotation was invalid (as
+        images with no boxes) instead of leaving them out.
+      num_workers: processes decoding images (default: all cores).
+      name: dataset name for label_map.json (default: the root folder's name).
+      categories: COCO category dicts defining the label map (default: the
+        json's); convert_root passes the union of train and val.
+      coco: the json already loaded by coco_checks.load_coco (saves a re-read).
+
+    Raises:
+      ConversionError: malformed json, duplicate ids, no usable image, a label
+        map differing from one already in output_dir, or (strict) any skip.
+    """
+    src = Path(coco_root_or_json)
+    if src.is_dir():
+        ann_file = src / "annotations" / f"instances_{split}2017.json"
+        image_dir = Path(image_dir) if image_dir else src / f"{split}2017"
+        name = name or src.name
+    else:
+        ann_file = src
+        if image_dir is None:
+            raise ConversionError(f"{ann_file}: image_dir is required with a json file")
+        image_dir = Path(image_dir)
+        name = name or ann_file.stem
+    if output_dir is None:
+        raise ConversionError("output_dir is required")
+    out = Path(output_dir)
+    sources = {image_dir.resolve(), ann_file.resolve().parent}
+    if src.is_dir():
+        sources.add(src.resolve())
+    for source in sources:
+        o = out.resolve()
+        if o == source or source in o.parents:
+            raise ConversionError(f"output_dir {out} is inside the source folder {source}:"
+                                  " the source is never written to")
+    coco = coco or coco_checks.load_coco(ann_file)
+    label_map = coco_checks.make_label_map(categories or coco["categories"], name, ann_file)
+    out.mkdir(parents=True, exist_ok=True)
+    label_map_path = out / "label_map.json"
+    if label_map_path.exists():
+        old = json.loads(label_map_path.read_text())
+        if old.get("classes") != label_map["classes"]:
+            raise ConversionError(
+                f"{label_map_path} holds a different label map than {ann_file}'s categories:"
+                " convert both splits with --coco_root, or use an empty output_dir")
+    by_id = {c["id"]: c for c in label_map["classes"]}
+
+    images = coco["images"]
+    anns_of = {im["id"]: [] for im in images}
+    report = _Report()
+    for ann in coco["annotations"]:
+        if ann["image_id"] in anns_of:
+            anns_of[ann["image_id"]].append(ann)
+        else:
+            report.add("unknown_image_id", str(ann_file), ann["image_id"], ann["id"])
+    if num_shards is None:
+        size = sum(coco_checks.file_size(image_dir / im["file_name"]) for im in images)
+        num_shards = max(1, min(1024, -(-size // _SHARD_BYTES)))
+    num_workers = num_workers or os.cpu_count() or 1
+    jobs = [(str(image_dir / im["file_name"]), im.get("height"), im.get("width"))
+            for im in images]
+
+    shard_names = [f"{split}-{k:05d}-of-{num_shards:05d}.tfrecord" for k in range(num_shards)]
+    writers = [tf.io.TFRecordWriter(str(out / (s + ".tmp"))) for s in shard_names]
+    kept_images, kept_anns, per_class = [], [], [0] * len(label_map["classes"])
+    written = 0
+    try:
+        results = _map_ordered(coco_checks.load_image, jobs, num_workers, split, progress)
+        for i, loaded in enumerate(results):  # drains the generator: the bar closes
+            im = images[i]
+            file = jobs[i][0]
+            for reason, detail in loaded["notes"]:
+                report.add(reason, file, im["id"], detail=detail)
+            anns = anns_of[im["id"]]
+            if loaded["skip"]:
+                # Their annotations go with the image (counted, not listed one by one).
+                report.counts["annotations_of_skipped_images"] = (
+                    report.counts.get("annotations_of_skipped_images", 0) + len(anns))
+                continue
+            if loaded["verify"]:
+                try:
+                    tf.io.decode_jpeg(loaded["encoded"])
+                    report.add("jpeg_verified", file, im["id"])
+                except tf.errors.InvalidArgumentError as e:
+                    report.add("unreadable_image", file, im["id"],
+                               detail=f"TF: {e.message.splitlines()[-1][:100]}")
+                    report.counts["annotations_of_skipped_images"] = (
+                        report.counts.get("annotations_of_skipped_images", 0) + len(anns))
+                    continue
+            boxes, out_anns = [], []
+            for ann in anns:
+                reason, detail, box = coco_checks.check_annotation(ann, loaded, by_id)
+                if reason:
+                    report.add(reason, file, im["id"], ann["id"], detail)
+                if box is None:
+                    continue
+                if box["iscrowd"]:
+                    report.add("crowd", file, im["id"], ann["id"])
+                boxes.append(box)
+                out_anns.append(coco_checks.evaluator_annotation(ann, box, loaded))
+            if anns and not boxes:
+                if not keep_unusable:
+                    report.add("all_annotations_invalid", file, im["id"],
+                               detail=f"{len(anns)} annotations, none usable")
+                    continue
+                report.add("kept_unusable", file, im["id"])
+            elif not anns:
+                report.add("negative_image", file, im["id"])
+            for b in boxes:
+                per_class[b["label"]] += 1
+            writers[written % num_shards].write(
+                _example(im["id"], im["file_name"], loaded, boxes))
+            written += 1
+            kept_images.append({**im, "height": loaded["height"], "width": loaded["width"]})
+            kept_anns.extend(out_anns)
+    finally:
+        for w in writers:
+            w.close()
+
+    summary = {
+        "dataset": name, "split": split, "converter_version": CONVERTER_VERSION,
+        "annotations_file": str(ann_file), "image_dir": str(image_dir),
+        "options": {"strict": strict, "keep_unusable": keep_unusable},
+        "images": {"in_json": len(images), "written": written,
+                   "negatives": report.counts.get("negative_image", 0),
+                   "skipped": len(images) - written},
+        "annotations": {"in_json": len(coco["annotations"]), "written": len(kept_anns),
+                        "crowd": sum(a.get("iscrowd", 0) == 1 for a in kept_anns),
+                        "dropped": len(coco["annotations"]) - len(kept_anns)},
+        "boxes_per_class": {c["name"]: n for c, n in zip(label_map["classes"], per_class)},
+        "counts": dict(sorted(report.counts.items())),
+        "problems": report.listed,
+        "problems_listed_per_reason": _MAX_LISTED,
+        "files": {"tfrecords": shard_names, "label_map": label_map_path.name,
+                  "annotations": f"{split}_annotations.json"},
+    }
+    (out / f"report_{split}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    skips = {r: n for r, n in report.counts.items() if r in SKIP_REASONS and n}
+    error = None
+    if written == 0:
+        error = (f"{ann_file}: no usable image ({len(images)} in the json;"
+                 f" {_describe(report.counts)})")
+    elif strict and skips:
+        first = next(p for p in report.listed if p["reason"] in SKIP_REASONS)
+        error = (f"{ann_file}: --strict: {sum(skips.values())} skips ({_describe(skips)});"
+                 f" first: {_describe_problem(first)}")
+    if error:
+        for s in shard_names:
+            (out / (s + ".tmp")).unlink(missing_ok=True)
+        if verbose:
+            print_report(summary, out / f"report_{split}.json")
+        raise ConversionError(f"{error}; report: {out / f'report_{split}.json'}")
+
+    for stale in out.glob(f"{split}-*-of-*.tfrecord"):
+        if stale.name not in shard_names:
+            stale.unlink()  # an earlier conversion with another shard count
+    for s in shard_names:
+        os.replace(out / (s + ".tmp"), out / s)
+    evaluator_json = {k: v for k, v in coco.items()
+                      if k not in ("images", "annotations", "categories")}
+    evaluator_json.update(images=kept_images, annotations=kept_anns,
+                          categories=sorted(categories or coco["categories"],
+                                            key=lambda c: c["id"]))
+    (out / f"{split}_annotations.json").write_text(json.dumps(evaluator_json))
+    label_map_path.write_text(_label_map_text(label_map))
+    if verbose:
+        print_report(summary, out / f"report_{split}.json")
+    return summary
+
+
+def _label_map_text(label_map):
+    """label_map.json with one class a line (readable, diff-friendly)."""
+    rows = ",\n".join("  " + json.dumps(c) for c in label_map["classes"])
+    return f'{{"name": {json.dumps(label_map["name"])},\n "classes": [\n{rows}\n ]}}\n'
+
+
+def _describe(counts):
+    return ", ".join(f"{r}: {n}" for r, n in sorted(counts.items())) or "nothing usable"
+
+
+def _describe_problem(p):
+    rec = f"image {p['image_id']}" + (f" annotation {p['annotation_id']}"
+                                      if "annotation_id" in p else "")
+    return f"{p['file']} ({rec}): {p['reason']}" + (f" ({p['detail']})" if "detail" in p else "")
+
+
+def print_report(summary, path=None):
+    im, an = summary["images"], summary["annotations"]
+    print(f"[{summary['dataset']}/{summary['split']}] images: {im['written']} written of"
+          f" {im['in_json']} ({im['negatives']} negatives, {im['skipped']} skipped);"
+          f" annotations: {an['written']} written of {an['in_json']} ({an['crowd']} crowd,"
+          f" {an['dropped']} dropped)")
+    for reason, n in summary["counts"].items():
+        print(f"  {n:7d}  {reason:32s} {REASONS.get(reason, ('', ''))[1]}")
+    # One example of each skip/drop first: those are what a user must look at.
+    shown = [p for p in summary["problems"] if p["reason"] in SKIP_REASONS]
+    shown = list({p["reason"]: p for p in reversed(shown)}.values())[::-1][:10]
+    for p in shown:
+        print(f"    e.g. {_describe_problem(p)}")
+    if path:
+        print(f"  report: {path}")
+
+
+def convert_root(coco_root, output_dir, name=None, **kwargs):
+    """Converts the train and val splits of a COCO root (users' layout) into
+    output_dir with one label map (the union of both splits' categories)."""
+    root = Path(coco_root)
+    splits = [s for s in SPLITS if (root / "annotations" / f"instances_{s}2017.json").exists()]
+    if not splits:
+        raise ConversionError(f"{root}: no annotations/instances_{{train,val}}2017.json")
+    cocos = {s: coco_checks.load_coco(root / "annotations" / f"instances_{s}2017.json")
+             for s in splits}
+    cats = coco_checks.union_categories([(root / "annotations", c) for c in cocos.values()])
+    return {s: convert_coco(root, None, output_dir, s, categories=cats, coco=cocos[s],
+                            name=name or root.name, **kwargs) for s in splits}
+
+
+def _fingerprint(root, options):
+    """Hash of the json bytes, the image folders' listings (name, size, mtime)
+    and the options: changes whenever a conversion's output could."""
+    h = hashlib.sha256(f"{CONVERTER_VERSION}{sorted(options.items())}".encode())
+    for s in SPLITS:
+        ann = root / "annotations" / f"instances_{s}2017.json"
+        if ann.exists():
+            h.update(ann.read_bytes())
+        images = root / f"{s}2017"
+        if images.is_dir():
+            for e in sorted(os.scandir(images), key=lambda e: e.name):
+                st = e.stat()
+                h.update(f"{s}/{e.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def is_converted(path):
+    path = Path(path)
+    return (path / "label_map.json").is_file() and any(path.glob("*.tfrecord"))
+
+
+def ensure_tfrecords(path, cache_dir, name=None, **kwargs):
+    """Returns a folder of TFRecords for `path` (train.py's --dataset=NAME=PATH).
+
+    An already converted folder (label_map.json + *.tfrecord) is used as is.
+    A COCO root is converted (both splits) into cache_dir/<name>-<fingerprint>
+    unless that folder already exists, i.e. was made from the same jsons,
+    image listings and options; the source is only read.
+    """
+    path = Path(path)
+    if is_converted(path):
+        return path
+    if not (path / "annotations").is_dir():
+        raise ConversionError(f"{path}: neither converted TFRecords (label_map.json +"
+                              " *.tfrecord) nor a COCO root (annotations/ folder)")
+    name = name or path.name
+    options = {k: v for k, v in kwargs.items() if k in ("num_shards", "strict", "keep_unusable")}
+    target = Path(cache_dir) / f"{name}-{_fingerprint(path, options)}"
+    if is_converted(target):
+        return target
+    # Convert next to the target, then rename: a crash or a concurrent worker
+    # never leaves a half-written folder under the final name.
+    tmp = Path(cache_dir) / f".{target.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        convert_root(path, tmp, name=name, **kwargs)
+        os.replace(tmp, target)
+    except OSError:
+        if not is_converted(target):  # not a concurrent twin that won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="COCO json + images -> sharded TFRecords + label_map.json + report.")
+    p.add_argument("--coco_root", help="COCO root: converts its train and val splits")
+    p.add_argument("--annotations_file", help="one split's COCO json (with --image_dir)")
+    p.add_argument("--image_dir", help="the images of --annotations_file")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--split", default="train", help="output prefix with --annotations_file")
+    p.add_argument("--name", help="dataset name in label_map.json")
+    p.add_argument("--num_shards", type=int, help="default: one per ~128 MB of images")
+    p.add_argument("--num_workers", type=int, help="default: all cores")
+    p.add_argument("--strict", action="store_true", help="any skip is an error")
+    p.add_argument("--keep_unusable", action="store_true",
+                   help="keep images whose every annotation was invalid (as no boxes)")
+    p.add_argument("--no_progress", action="store_true")
+    a = p.parse_args(argv)
+    opts = dict(num_shards=a.num_shards, num_workers=a.num_workers, strict=a.strict,
+                keep_unusable=a.keep_unusable, progress=not a.no_progress)
+    try:
+        if a.coco_root and not a.annotations_file:
+            convert_root(a.coco_root, a.output_dir, name=a.name, **opts)
+        elif a.annotations_file and a.image_dir and not a.coco_root:
+            convert_coco(a.annotations_file, a.image_dir, a.output_dir, a.split,
+                         name=a.name, **opts)
+        else:
+            p.error("give --coco_root, or --annotations_file with --image_dir")
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
