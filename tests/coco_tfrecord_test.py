@@ -344,6 +344,8 @@ def _mutate(root, fn):
     (lambda c: c["annotations"].append(dict(c["annotations"][0])), "duplicate annotation id 1000"),
     (lambda c: c["images"][1].pop("file_name"), r"images\[1\] \(id 11\) has no valid 'file_name'"),
     (lambda c: c.pop("annotations"), "no 'annotations' list"),
+    (lambda c: c["categories"][0].update(id="9"), r"categories\[0\] \(id '9'\) has no valid 'id'"),
+    (lambda c: c["categories"].clear(), "no categories"),
     (lambda c: c["images"].__setitem__(slice(None), c["images"][1:3]), "no usable image"),
 ])
 def test_errors_name_the_problem(bad, mutation, message):

@@ -97,8 +97,8 @@ def test_boxes_inside_images_sizes_vary(demo_root):
 
 def test_crowd_and_empty_present(demo_root):
     _, paths = demo_root
-    for name, path in paths.items():
-        coco = COCO(str(path / "annotations" / "instances_train2017.json"))
+    for name, split in ((n, s) for n in paths for s in SPLITS):
+        coco = COCO(str(paths[name] / "annotations" / f"instances_{split}2017.json"))
         anns = coco.dataset["annotations"]
         crowd = [a for a in anns if a["iscrowd"]]
         assert crowd, name

@@ -92,12 +92,15 @@ def load_coco(path):
                 raise ConversionError(f"{path}: malformed json: {where} is not an object")
             for field in fields:
                 v = rec.get(field)
+                # Image and category ids travel as int64 (source_id, evaluator,
+                # SavedModel classes); annotation ids only need to be unique.
                 ok = (isinstance(v, str) if field in ("file_name", "name") else
-                      isinstance(v, (int, str)) and not isinstance(v, bool))
+                      isinstance(v, (int, str)) and not isinstance(v, bool)
+                      and (isinstance(v, int) or (key, field) == ("annotations", "id")))
                 if not ok:
                     raise ConversionError(
                         f"{path}: malformed json: {where} (id {rec.get('id')!r}) has no"
-                        f" valid '{field}'")
+                        f" valid '{field}' (ids are integers, names strings)")
             if rec["id"] in seen:
                 kind = key[:-1] if key != "categories" else "category"
                 raise ConversionError(

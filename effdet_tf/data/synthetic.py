@@ -174,14 +174,14 @@ def _rle_of_box(x, y, w, h, height, width):
     return {"counts": counts, "size": [height, width]}
 
 
-def _make_image(rng, classes, height, width):
+def _make_image(rng, classes, height, width, object_size, kind=None):
     """One image: returns (BGR image, list of annotation dicts without ids)."""
     img = _background(rng, height, width)
     anns, taken = [], []
-    if rng.random() < _EMPTY_PROB:
+    if (rng.random() < _EMPTY_PROB or kind == "empty") and kind != "crowd":
         return img, anns
     short = min(height, width)
-    if rng.random() < _CROWD_PROB:
+    if rng.random() < _CROWD_PROB or kind == "crowd":
         # A crowd: several small same-class objects under one box.
         k = int(rng.integers(len(classes)))
         cid, _, shape, rgb, texture = classes[k]
@@ -198,7 +198,7 @@ def _make_image(rng, classes, height, width):
     for _ in range(int(rng.integers(1, 5))):
         cid, _, shape, rgb, texture = classes[int(rng.integers(len(classes)))]
         for _attempt in range(20):
-            side = short * rng.uniform(0.18, 0.5)
+            side = short * rng.uniform(*object_size)
             aspect = rng.uniform(0.75, 1.33)
             w = int(min(width - 2, side * aspect))
             h = int(min(height - 2, side / aspect))
@@ -215,7 +215,8 @@ def _make_image(rng, classes, height, width):
     return img, anns
 
 
-def _write_split(rng, root, name, classes, split, num_images, image_size, first_id):
+def _write_split(rng, root, name, classes, split, num_images, image_size, first_id,
+                 object_size):
     image_dir = root / f"{split}2017"
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -230,7 +231,10 @@ def _write_split(rng, root, name, classes, split, num_images, image_size, first_
         # Spread-out ids: never 0..N-1, so no code can confuse id and position.
         image_id = first_id + 7 * i
         file_name = f"{image_id:012d}.jpg"
-        img, anns = _make_image(rng, classes, height, width)
+        # Images 1 and 2 of every split are an empty one and one with a crowd,
+        # so even small splits have both.
+        kind = {1: "empty", 2: "crowd"}.get(i)
+        img, anns = _make_image(rng, classes, height, width, object_size, kind)
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
         assert ok
         (image_dir / file_name).write_bytes(buf.tobytes())
@@ -251,7 +255,8 @@ def _write_split(rng, root, name, classes, split, num_images, image_size, first_
         json.dump(coco, f)
 
 
-def make_demo_datasets(root, seed=0, num_train=300, num_val=60, image_size=256):
+def make_demo_datasets(root, seed=0, num_train=300, num_val=60, image_size=256,
+                       object_size=(0.2, 0.5)):
     """Writes the appliance (5 classes) and food (10 classes) COCO datasets.
 
     Args:
@@ -260,6 +265,10 @@ def make_demo_datasets(root, seed=0, num_train=300, num_val=60, image_size=256):
       num_train, num_val: images per split per dataset.
       image_size: longest image side; images get sides between 0.625x and
         1x of it with aspect ratios 1, 4:3, 3:4, 3:2, 2:3.
+      object_size: (min, max) object side as a fraction of the image's shorter
+        side (times an aspect jitter of 0.75-1.33). In model pixels an object
+        spans about 0.13-0.5 of the input size S, so at S=128 the smallest are
+        ~17 px: pair small inputs with small anchors (anchor_scale 2-3).
 
     Returns:
       dict dataset name -> Path of its COCO root, in order appliance, food.
@@ -271,7 +280,8 @@ def make_demo_datasets(root, seed=0, num_train=300, num_val=60, image_size=256):
         for s, (split, n) in enumerate((("train", num_train), ("val", num_val))):
             rng = np.random.default_rng([seed, d, s])
             first_id = 100000 * (d + 1) + 50000 * s + 13
-            _write_split(rng, droot, name, classes, split, n, image_size, first_id)
+            _write_split(rng, droot, name, classes, split, n, image_size, first_id,
+                         object_size)
         paths[name] = droot
     return paths
 
