@@ -1,0 +1,266 @@
+"""The multi-dataset detector: CSPDarknet53 -> BiFPN -> {dataset: head}.
+
+One backbone and neck are shared by every dataset; each dataset keeps its own
+class net and box net, so each head predicts only its own label space. A
+training step receives one batch per dataset (a dict keyed by dataset name):
+the images are concatenated so the shared features are computed in a single
+pass, then each head sees only its own dataset's slice of them and is trained
+only by its own dataset's targets.
+"""
+
+import keras
+import tensorflow as tf
+
+from effdet_tf.modeling.backbone import CSPDarknet53
+from effdet_tf.modeling.bifpn import BiFPN
+from effdet_tf.modeling.heads import BoxNet, ClassNet
+from effdet_tf.ops.anchors import Anchors
+from effdet_tf.ops.losses import DetectionLoss
+from effdet_tf.ops.postprocess import postprocess
+
+
+@keras.saving.register_keras_serializable(package="effdet_tf")
+class Detector(keras.Model):
+    """CSPDarknet53-Mish backbone, EfficientDet BiFPN neck, one head per dataset.
+
+    Args:
+        heads: dict mapping dataset name -> number of classes. Its order is
+            the head order everywhere (exported `detection_heads` indices).
+        image_size: side of the square input the anchors are laid out for.
+        width_multiplier, depth_multiplier: backbone scaling (1.0 is
+            CSPDarknet53); narrow copies keep the architecture for tests and
+            the demo.
+        fpn_channels, fpn_repeats: BiFPN width and depth (D0: 64, 3).
+        head_depth: separable convs per class/box net before the predictor
+            (D0: 3). Heads use `fpn_channels` as their width, as D0 does.
+        min_level, max_level: pyramid levels (P3-P7).
+        num_scales, aspect_ratios, anchor_scale: anchor layout.
+        head_loss_weights: optional dict dataset name -> weight of that
+            head's loss in the total (default 1.0 each).
+        box_loss: "huber" (EfficientDet), "giou" or "ciou" (YOLOv4).
+        focal_alpha, focal_gamma, huber_delta: loss hyper-parameters
+            (EfficientDet's defaults).
+        box_loss_weight: weight of the box loss; None picks EfficientDet's
+            50 for Huber and 1 for the IoU losses.
+
+    Inputs are float RGB images in [0, 255] of shape [B, S, S, 3]; the
+    model rescales to [0, 1] itself so every caller (pipeline, export,
+    benchmarks) feeds the same thing.
+
+    `call(images)` runs every head on every image; `call({name: images})`
+    runs head `name` on its own images only. Both return
+    {name: {"cls_logits": [B, N, C] float32, "box_deltas": [B, N, 4] float32}}.
+    """
+
+    def __init__(
+        self,
+        heads,
+        image_size=512,
+        width_multiplier=1.0,
+        depth_multiplier=1.0,
+        fpn_channels=64,
+        fpn_repeats=3,
+        head_depth=3,
+        min_level=3,
+        max_level=7,
+        num_scales=3,
+        aspect_ratios=(1.0, 2.0, 0.5),
+        anchor_scale=4.0,
+        head_loss_weights=None,
+        box_loss="huber",
+        focal_alpha=0.25,
+        focal_gamma=1.5,
+        huber_delta=0.1,
+        box_loss_weight=None,
+        **kwargs,
+    ):
+        if not heads:
+            raise ValueError("Detector needs at least one head: heads={name: num_classes}.")
+        unknown = set(head_loss_weights or {}) - set(heads)
+        if unknown:
+            raise ValueError(f"head_loss_weights names unknown heads {sorted(unknown)}; heads are {list(heads)}.")
+        super().__init__(**kwargs)
+        self.heads = dict(heads)
+        self.head_names = list(heads)
+        self.image_size = int(image_size)
+        self.width_multiplier = width_multiplier
+        self.depth_multiplier = depth_multiplier
+        self.fpn_channels = fpn_channels
+        self.fpn_repeats = fpn_repeats
+        self.head_depth = head_depth
+        self.min_level = min_level
+        self.max_level = max_level
+        self.num_scales = num_scales
+        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+        self.anchor_scale = anchor_scale
+        self.head_loss_weights = {name: float((head_loss_weights or {}).get(name, 1.0)) for name in heads}
+        self.box_loss = box_loss
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.huber_delta = huber_delta
+        self.box_loss_weight = box_loss_weight
+
+        self.anchors = Anchors(
+            self.image_size,
+            min_level=min_level,
+            max_level=max_level,
+            num_scales=num_scales,
+            aspect_ratios=self.aspect_ratios,
+            anchor_scale=anchor_scale,
+        )
+        num_anchors = self.anchors.num_anchors_per_location
+        num_levels = max_level - min_level + 1
+
+        # === Layers ===
+        self.backbone = CSPDarknet53(
+            width_multiplier=width_multiplier, depth_multiplier=depth_multiplier, name="backbone"
+        )
+        self.neck = BiFPN(
+            num_channels=fpn_channels,
+            num_repeats=fpn_repeats,
+            min_level=min_level,
+            max_level=max_level,
+            name="bifpn",
+        )
+        # Keras tracks layers held in dicts; sorted-by-insertion order is the head order.
+        self.class_nets = {
+            name: ClassNet(
+                num_classes,
+                num_anchors=num_anchors,
+                width=fpn_channels,
+                depth=head_depth,
+                num_levels=num_levels,
+                name=f"{name}_class_net",
+            )
+            for name, num_classes in self.heads.items()
+        }
+        self.box_nets = {
+            name: BoxNet(
+                num_anchors=num_anchors,
+                width=fpn_channels,
+                depth=head_depth,
+                num_levels=num_levels,
+                name=f"{name}_box_net",
+            )
+            for name in self.heads
+        }
+        self.detection_losses = {
+            name: DetectionLoss(
+                num_classes,
+                alpha=focal_alpha,
+                gamma=focal_gamma,
+                box_loss=box_loss,
+                huber_delta=huber_delta,
+                box_loss_weight=box_loss_weight,
+                anchors=self.anchors.boxes,
+            )
+            for name, num_classes in self.heads.items()
+        }
+        self.loss_trackers = {
+            f"{name}_{part}": keras.metrics.Mean(name=f"{name}_{part}")
+            for name in self.heads
+            for part in ("cls_loss", "box_loss", "loss")
+        }
+
+        # === Functional Model ===
+        # Backbone and neck form one functional graph; the heads are shared
+        # layers called on its pyramid, so they are built here, symbolically,
+        # without running any computation.
+        images = keras.Input(shape=(None, None, 3), name="images")
+        scaled = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(images)
+        pyramid = self.neck(self.backbone(scaled))
+        levels = [pyramid[f"P{level}"] for level in range(min_level, max_level + 1)]
+        self.feature_extractor = keras.Model(images, levels, name="feature_extractor")
+        for name in self.head_names:
+            self.class_nets[name](levels)
+            self.box_nets[name](levels)
+        self.built = True
+
+    def _run_head(self, name, levels, training):
+        return {
+            "cls_logits": self.class_nets[name](levels, training=training),
+            "box_deltas": self.box_nets[name](levels, training=training),
+        }
+
+    def call(self, inputs, training=None):
+        if not isinstance(inputs, dict):
+            levels = self.feature_extractor(inputs, training=training)
+            return {name: self._run_head(name, levels, training) for name in self.head_names}
+
+        unknown = set(inputs) - set(self.head_names)
+        if unknown:
+            raise ValueError(f"Images given for unknown datasets {sorted(unknown)}; heads are {self.head_names}.")
+        names = [name for name in self.head_names if name in inputs]
+        batch_sizes = [tf.shape(inputs[name])[0] for name in names]
+        levels = self.feature_extractor(tf.concat([inputs[name] for name in names], axis=0), training=training)
+        # Split every level back into per-dataset slices: head k only ever
+        # sees (and its per-level BatchNorm only ever normalises) dataset k.
+        per_dataset = zip(*[tf.split(level, batch_sizes, axis=0) for level in levels])
+        return {name: self._run_head(name, list(slices), training) for name, slices in zip(names, per_dataset)}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Weighted sum over heads of each head's focal + box loss.
+
+        `y` is {name: {"cls_targets": [B, N], "box_targets": [B, N, 4]}}, the
+        same keys as `y_pred`. Per-head losses are tracked as metrics
+        `<name>_cls_loss`, `<name>_box_loss` and `<name>_loss` (unweighted).
+        """
+        del x, sample_weight, training
+        total = tf.constant(0.0, tf.float32)
+        for name in self.head_names:
+            if name not in y:
+                continue
+            losses = self.detection_losses[name](y[name], y_pred[name])
+            for part in ("cls_loss", "box_loss", "loss"):
+                self.loss_trackers[f"{name}_{part}"].update_state(losses[part])
+            total += self.head_loss_weights[name] * losses["loss"]
+        for extra in self.losses:
+            total += tf.cast(tf.reduce_sum(extra), tf.float32)
+        # Keras sums gradients across replicas, so each replica contributes
+        # its share (what keras.losses.Loss does for compiled losses).
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return total / replicas if replicas > 1 else total
+
+    def detect(self, images, score_threshold=0.05, iou_threshold=0.5, max_detections=100, heads=None):
+        """Boxes, scores and contiguous class indices per head, in model pixels.
+
+        Returns {name: postprocess dict} for `heads` (default: every head).
+        """
+        outputs = self(images, training=False)
+        return {
+            name: postprocess(
+                outputs[name]["cls_logits"],
+                outputs[name]["box_deltas"],
+                self.anchors.boxes,
+                score_threshold=score_threshold,
+                iou_threshold=iou_threshold,
+                max_detections=max_detections,
+            )
+            for name in (heads or self.head_names)
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "heads": dict(self.heads),
+                "image_size": self.image_size,
+                "width_multiplier": self.width_multiplier,
+                "depth_multiplier": self.depth_multiplier,
+                "fpn_channels": self.fpn_channels,
+                "fpn_repeats": self.fpn_repeats,
+                "head_depth": self.head_depth,
+                "min_level": self.min_level,
+                "max_level": self.max_level,
+                "num_scales": self.num_scales,
+                "aspect_ratios": list(self.aspect_ratios),
+                "anchor_scale": self.anchor_scale,
+                "head_loss_weights": dict(self.head_loss_weights),
+                "box_loss": self.box_loss,
+                "focal_alpha": self.focal_alpha,
+                "focal_gamma": self.focal_gamma,
+                "huber_delta": self.huber_delta,
+                "box_loss_weight": self.box_loss_weight,
+            }
+        )
+        return config
