@@ -306,13 +306,16 @@ class ResumableBackup(keras.callbacks.Callback):
     epoch start, not at the step saved.
     """
 
-    def __init__(self, model_dir, keep=2, is_chief=True):
+    def __init__(self, model_dir, keep=2, is_chief=True, skip_if=None):
         super().__init__()
         self.backup_dir = os.path.join(model_dir, BACKUP_DIR)
         self.keep = keep
         self.is_chief = is_chief
+        self.skip_if = skip_if  # e.g. the loss went non-finite: keep the good state
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.skip_if is not None and self.skip_if():
+            return
         self.save(fit_epoch=epoch + 1)
 
     def save(self, fit_epoch):

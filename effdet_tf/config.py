@@ -123,6 +123,7 @@ class DataConfig:
     scale_min: float = _field(0.5, "Smallest random scale.")
     scale_max: float = _field(1.5, "Largest random scale.")
     shuffle_buffer: int = _field(1024, "Shuffle buffer (examples) per dataset.")
+    cache_images: bool = _field(False, "Keep decoded training images in memory (small datasets only).")
     seed: int = _field(0, "Seed for data order, augmentation and initialisation.")
 
     @property

@@ -146,23 +146,31 @@ class CocoEvaluator:
         return {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
 
 
+def make_detect_fn(detector, head, score_threshold=0.001, iou_threshold=0.5, max_detections=100):
+    """A traced images -> head detections function; build once, call per
+    batch (a new tf.function per evaluation would trace every time)."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def detect(images):
+        return detector.detect(images, score_threshold=score_threshold, iou_threshold=iou_threshold,
+                               max_detections=max_detections, heads=[head])[head]
+
+    return detect
+
+
 def evaluate(detector, dataset, evaluator: CocoEvaluator, head: str, score_threshold=0.001,
-             iou_threshold=0.5, max_detections=100, max_batches: Optional[int] = None, keep_images=0):
+             iou_threshold=0.5, max_detections=100, max_batches: Optional[int] = None, keep_images=0,
+             detect_fn=None):
     """Runs `detector`'s head `head` over an eval pipeline and returns
     (metrics, samples).
 
     `dataset` yields dicts {"images" [B,S,S,3], "image_id" [B], "scale" [B],
     "original_size" [B,2]} (data.pipeline.eval_dataset). `samples` holds the
     first `keep_images` images with their detections (model px) for
-    TensorBoard.
+    TensorBoard. `detect_fn`: from make_detect_fn (built here if None).
     """
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def detect(images):
-        return detector.detect(images, score_threshold=score_threshold, iou_threshold=iou_threshold,
-                               max_detections=max_detections, heads=[head])[head]
-
+    detect = detect_fn or make_detect_fn(detector, head, score_threshold, iou_threshold, max_detections)
     evaluator.reset()
     samples = []
     for i, batch in enumerate(dataset):

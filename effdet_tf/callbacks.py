@@ -1,0 +1,211 @@
+"""Training callbacks that Keras does not ship: a non-finite loss watcher,
+step summaries (learning rate, loss scale, images/s), and evaluation with
+COCO mAP, TensorBoard images and best/last EMA checkpoints.
+
+Keras' own TensorBoard callback writes the loss metrics (total and per
+head: `<name>_cls_loss`, `<name>_box_loss`, `<name>_loss`); these write
+what it does not, into the same model_dir/train and model_dir/eval folders.
+"""
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from effdet_tf import checkpoint, evaluation
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf for too many consecutive steps."""
+
+
+class NonFiniteLossWatcher(keras.callbacks.Callback):
+    """Stops a run whose loss stays non-finite, naming the step and the head.
+
+    Under mixed_float16 the LossScaleOptimizer already skips a step with
+    non-finite gradients and lowers the scale; a loss that is non-finite
+    step after step is not an overflow the scaler can fix, so after
+    `patience` consecutive such steps the run stops with NonFiniteLossError.
+
+    The loss metrics are running means: one NaN would keep the mean NaN
+    for the rest of the epoch. A tracker that went non-finite is therefore
+    reset after being read, so the next step's value is that step's own.
+    """
+
+    def __init__(self, head_names, patience=20):
+        super().__init__()
+        self.head_names = list(head_names)
+        self.patience = patience
+        self.consecutive = 0
+        self.first_step = None
+        self.heads = []
+        self.error = None
+
+    def _trackers(self):
+        return {m.name: m for m in self.model.metrics}
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        bad = [k for k, v in logs.items() if isinstance(v, (int, float, np.floating)) and not math.isfinite(v)]
+        if not bad:
+            self.consecutive, self.first_step, self.heads = 0, None, []
+            return
+        step = int(self.model.optimizer.iterations.numpy())
+        trackers = self._trackers()
+        for name in bad:
+            if name in trackers:
+                trackers[name].reset_state()
+        heads = [h for h in self.head_names if any(k.startswith(f"{h}_") for k in bad)]
+        self.consecutive += 1
+        if self.first_step is None:
+            self.first_step = step
+        self.heads = sorted(set(self.heads) | set(heads))
+        logging.warning("Non-finite loss at step %d (%s); heads: %s.", step, ", ".join(sorted(bad)),
+                        ", ".join(heads) or "none (total only)")
+        if self.consecutive >= self.patience:
+            self.error = NonFiniteLossError(
+                f"Loss non-finite for {self.consecutive} consecutive steps, from step {self.first_step} to "
+                f"step {step}; head(s) with a non-finite loss: {', '.join(self.heads) or 'none (total only)'} "
+                f"(metrics: {', '.join(sorted(bad))}). Stopping; lower --learning_rate, check the data, "
+                f"or use --precision=float32.")
+            self.model.stop_training = True
+
+    @property
+    def failed(self):
+        return self.error is not None
+
+
+class StepSummaries(keras.callbacks.Callback):
+    """learning_rate, loss_scale and images_per_second to model_dir/train,
+    every `every` steps, at the optimizer's step."""
+
+    def __init__(self, log_dir, images_per_step, every=10, enabled=True):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(log_dir) if enabled else None
+        self.images_per_step = images_per_step
+        self.every = max(1, every)
+        self._t0 = None
+        self._steps = 0
+
+    def on_train_begin(self, logs=None):
+        self._t0 = None  # the first step of a fit call traces: not timed.
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+            return
+        self._steps += 1
+        if self._steps % self.every or self.writer is None:
+            return
+        elapsed = time.perf_counter() - self._t0
+        step = int(self.model.optimizer.iterations.numpy())
+        optimizer = self.model.optimizer
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("images_per_second", self.images_per_step * self.every / max(elapsed, 1e-9))
+            tf.summary.scalar("learning_rate", float(np.asarray(optimizer.learning_rate)))
+            if hasattr(optimizer, "dynamic_scale"):
+                tf.summary.scalar("loss_scale", float(np.asarray(optimizer.dynamic_scale)))
+        self.writer.flush()
+        self._t0 = time.perf_counter()
+
+
+class EpochEnd(keras.callbacks.Callback):
+    """Maps Keras epochs (one per checkpoint interval, see train_lib) back
+    to training epochs and calls `fn(epoch, last)` at the end of each."""
+
+    def __init__(self, chunks_per_epoch, total_chunks, fn):
+        super().__init__()
+        self.chunks_per_epoch = chunks_per_epoch
+        self.total_chunks = total_chunks
+        self.fn = fn
+
+    def on_epoch_end(self, chunk, logs=None):
+        if self.model.stop_training and getattr(self.model, "_effdet_failed", False):
+            return
+        done = chunk + 1
+        last = done >= self.total_chunks
+        if done % self.chunks_per_epoch == 0 or last:
+            self.fn(math.ceil(done / self.chunks_per_epoch), last)
+
+
+class Evaluator:
+    """COCO mAP per dataset with EMA weights; TensorBoard scalars and images;
+    best (by mean AP) and last EMA checkpoints. Used by the training
+    callback and by --mode=eval."""
+
+    def __init__(self, config, eval_datasets, log_dir, is_chief=True, draw=True):
+        self.config = config
+        self.eval_datasets = eval_datasets  # {name: (tf.data eval dataset, CocoEvaluator)}
+        self.writer = tf.summary.create_file_writer(log_dir) if is_chief else None
+        self.is_chief = is_chief
+        self.draw = draw
+        self._detect_fns = {}
+
+    def __call__(self, model, step):
+        t = self.config.train
+        metrics, samples = {}, {}
+        for name, (dataset, coco_evaluator) in self.eval_datasets.items():
+            key = (id(model), name)
+            if key not in self._detect_fns:
+                self._detect_fns[key] = evaluation.make_detect_fn(
+                    model, name, t.eval_score_threshold, t.eval_iou_threshold, t.eval_max_detections)
+            metrics[name], samples[name] = evaluation.evaluate(
+                model, dataset, coco_evaluator, name, keep_images=t.tensorboard_images,
+                detect_fn=self._detect_fns[key])
+        mean = evaluation.mean_ap(metrics)
+        for name, m in metrics.items():
+            logging.info("step %d %s: %s", step, name, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        logging.info("step %d mean AP %.4f", step, mean)
+        if self.writer is not None:
+            with self.writer.as_default(step=step):
+                for name, m in metrics.items():
+                    for key in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"):
+                        tf.summary.scalar(f"{name}/{key}", m[key])
+                tf.summary.scalar("mean_AP", mean)
+                if self.draw:
+                    for name, items in samples.items():
+                        if items:
+                            tf.summary.image(f"{name}/detections", self.drawings(name, items),
+                                             max_outputs=len(items))
+            self.writer.flush()
+        return metrics, mean
+
+    def drawings(self, name, items):
+        """Ground truth (white) and detections (a colour per class, with
+        scores) on the model's input images."""
+        from effdet_tf import visualize
+
+        dataset_config = self.config.data.dataset(name)
+        names = {c.index: c.name for c in dataset_config.classes}
+        coco = self.eval_datasets[name][1].coco
+        ids = [c.id for c in dataset_config.classes]
+        images = []
+        for s in items:
+            gt_boxes, gt_classes = evaluation.ground_truth_in_model_px(coco, s["image_id"], s["scale"], ids)
+            image = visualize.draw_detections(s["image"], gt_boxes, gt_classes, None, names, color=(255, 255, 255))
+            image = visualize.draw_detections(image, s["boxes"], s["classes"], s["scores"], names)
+            images.append(image)
+        return np.stack(images).astype(np.uint8)
+
+
+def save_best_and_last(model, model_dir, epoch, step, metrics=None, mean_ap=None):
+    """last.weights.h5 always; best.weights.h5 (+ best.json) when mean AP
+    beats the best so far. Both hold EMA weights."""
+    checkpoint.save_ema_weights(model, model_dir, "last")
+    if metrics is None:
+        return False
+    best = checkpoint.best_metrics(model_dir)
+    if best is not None and best["mean_ap"] >= mean_ap:
+        return False
+    checkpoint.save_ema_weights(model, model_dir, "best")
+    checkpoint.atomic_write_text(
+        os.path.join(model_dir, checkpoint.BEST_METRICS),
+        json.dumps({"epoch": epoch, "step": step, "mean_ap": mean_ap, "metrics": metrics}, indent=1) + "\n")
+    logging.info("New best mean AP %.4f at epoch %d: %s", mean_ap, epoch,
+                 os.path.join(model_dir, checkpoint.BEST_WEIGHTS))
+    return True

@@ -1,0 +1,389 @@
+"""Training and evaluation workflow: strategy, data, model, optimizer, fit.
+
+`run(config)` is what train.py calls with the frozen Config. `model.fit`
+drives training (the Detector's compute_loss), so Keras callbacks,
+distribution strategies and mixed precision behave as Keras users expect.
+
+Steps, epochs and resuming. An epoch is `steps_per_epoch` steps. Keras can
+only start a fit at an epoch boundary, so fit's epochs are checkpoint
+intervals ("chunks") of `checkpoint_every_steps` steps (the epoch is rounded
+up to a whole number of chunks). ResumableBackup saves the full state
+(weights, optimizer slots, EMA, loss scale, step) at every chunk end, and a
+restarted run passes `initial_epoch` = saved step / chunk to fit and seeds
+its input stream with the step (train_data), so it continues at the saved
+step with data it has not just trained on.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from effdet_tf import callbacks as callbacks_lib
+from effdet_tf import checkpoint, evaluation
+from effdet_tf.config import Config, ConfigError, check_replicas, classes_from_label_map
+
+# EfficientDet warms up from lr_warmup_init = 0.008 to 0.08: 10% of the peak
+# (google/automl efficientdet/hparams_config.py).
+WARMUP_START_FRACTION = 0.1
+
+
+# ---------------------------------------------------------------- strategy
+def make_strategy(name):
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                              "(cluster and task of this worker).")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ConfigError(f"--strategy={name}: unknown strategy.")
+
+
+def is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "cluster_spec", None) or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type in ("chief", None) or (
+        resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
+
+
+# ---------------------------------------------------------------- data
+def generate_demo_data(root, seed):
+    """Writes the demo dataset pair into `root` once (tmp + rename, so a
+    concurrent worker or a killed run never sees half of it)."""
+    from effdet_tf.data import synthetic
+
+    if os.path.isdir(root):
+        return
+    parent = os.path.dirname(root.rstrip("/")) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{root}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    logging.info("Generating the demo datasets into %s", root)
+    synthetic.make_demo_datasets(tmp, seed=seed)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(root):
+            raise
+
+
+def _count_records(pattern):
+    files = tf.io.gfile.glob(pattern)
+    return sum(1 for f in files for _ in tf.data.TFRecordDataset(f))
+
+
+def resolve_datasets(config: Config) -> Config:
+    """Converts COCO roots into TFRecords (cache dir, never the source) and
+    fills each dataset's label map and training-set size from the
+    converter's output."""
+    from effdet_tf.data.coco_tfrecord import ConversionError, ensure_tfrecords
+
+    cache = config.data.data_cache_dir or os.path.join(config.train.model_dir, "data_cache")
+    resolved = []
+    for ds in config.data.datasets:
+        try:
+            tf_dir = str(ensure_tfrecords(ds.path, cache, name=ds.name))
+        except ConversionError as e:
+            raise ConfigError(f"--dataset={ds.name}={ds.path}: {e}") from None
+        with open(os.path.join(tf_dir, "label_map.json")) as f:
+            classes = classes_from_label_map(json.load(f))
+        report = os.path.join(tf_dir, "report_train.json")
+        n = 0
+        if os.path.exists(report):
+            with open(report) as f:
+                n = int(json.load(f).get("images", {}).get("written", 0))
+        n = n or _count_records(os.path.join(tf_dir, "train-*.tfrecord"))
+        if n == 0:
+            raise ConfigError(f"--dataset={ds.name}={ds.path}: no training images in {tf_dir}.")
+        resolved.append(dataclasses.replace(ds, tfrecord_dir=tf_dir, classes=classes, num_train_examples=n))
+    return config.with_datasets(resolved)
+
+
+def schedule_lengths(config: Config):
+    """(steps_per_epoch, chunk, chunks_per_epoch, total_chunks)."""
+    t = config.train
+    steps = t.steps_per_epoch or max(
+        math.ceil(d.num_train_examples / d.batch_size) for d in config.data.datasets)
+    chunk = min(t.checkpoint_every_steps, steps)
+    chunks_per_epoch = math.ceil(steps / chunk)
+    if chunks_per_epoch * chunk != steps:
+        logging.info("Epoch rounded up from %d to %d steps (a whole number of %d-step checkpoint intervals).",
+                     steps, chunks_per_epoch * chunk, chunk)
+    return chunks_per_epoch * chunk, chunk, chunks_per_epoch, chunks_per_epoch * t.epochs
+
+
+def train_data(config: Config, detector, start_step=0):
+    """({name: images}, {name: targets}) batches, global batch per dataset.
+
+    The stream is a function of (--seed, start_step): a run resumed at step
+    s reads a stream seeded with s, so it neither replays the batches it
+    trained on before the kill nor costs the time to skip past them
+    (Dataset.skip would run the whole augmentation for every skipped step).
+    """
+    from effdet_tf.data import augment, pipeline
+    from effdet_tf.ops.label_encoder import LabelEncoder
+
+    d = config.data
+    encoder = LabelEncoder(detector.anchors)
+    augment_config = augment.AugmentConfig(
+        mosaic_prob=d.mosaic_prob, mixup_prob=d.mixup_prob, hsv_prob=d.hsv_prob,
+        flip_prob=d.flip_prob, scale_min=d.scale_min, scale_max=d.scale_max)
+    per_dataset = {}
+    for i, ds in enumerate(d.datasets):
+        per_dataset[ds.name] = pipeline.train_dataset(
+            os.path.join(ds.tfrecord_dir, "train-*.tfrecord"),
+            batch_size=ds.batch_size,
+            image_size=config.model.image_size,
+            label_encoder=encoder,
+            augment=augment_config,
+            shuffle_buffer=d.shuffle_buffer,
+            cache=d.cache_images,
+            seed=(d.seed * 1_000_003 + 7919 * i + start_step) % (2**31 - 1),
+        )
+    dataset = pipeline.multi_dataset(per_dataset)
+    options = tf.data.Options()
+    # Several workers: each keeps its share of every global batch.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def eval_data(config: Config, split="val"):
+    """{name: (eval dataset, CocoEvaluator)} for datasets that have `split`."""
+    from effdet_tf.data import pipeline
+
+    out = {}
+    for ds in config.data.datasets:
+        gt = os.path.join(ds.tfrecord_dir, f"{split}_annotations.json")
+        pattern = os.path.join(ds.tfrecord_dir, f"{split}-*.tfrecord")
+        if not os.path.exists(gt) or not tf.io.gfile.glob(pattern):
+            logging.warning("Dataset %s has no %s split: not evaluated.", ds.name, split)
+            continue
+        dataset = pipeline.eval_dataset(pattern, batch_size=config.data.eval_batch_size,
+                                        image_size=config.model.image_size)
+        out[ds.name] = (dataset, evaluation.CocoEvaluator(gt, [c.id for c in ds.classes]))
+    return out
+
+
+# ---------------------------------------------------------------- model
+def _layers(model):
+    return model._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001 - no public walk
+
+
+def set_sync_batchnorm(model):
+    """Cross-replica BatchNorm statistics (read by BN at call time)."""
+    n = 0
+    for layer in _layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+            n += 1
+    logging.info("Synchronised BatchNorm in %d layers.", n)
+
+
+def no_decay_variables(model):
+    """BatchNorm gammas/betas and biases: EfficientDet decays neither
+    (google/automl efficientdet/det_model_fn.py, reg_l2_loss)."""
+    out = []
+    for layer in _layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            out += [v for v in (layer.gamma, layer.beta) if v is not None]
+        bias = getattr(layer, "bias", None)
+        if isinstance(bias, keras.Variable):
+            out.append(bias)
+    return out
+
+
+def make_optimizer(config: Config, model, steps_per_epoch):
+    t = config.train
+    total = steps_per_epoch * t.epochs
+    peak = t.learning_rate * config.data.images_per_step / t.lr_reference_batch
+    warmup = min(t.warmup_steps(steps_per_epoch), max(total - 1, 0))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak * WARMUP_START_FRACTION if warmup else peak,
+        decay_steps=max(total - warmup, 1), alpha=0.0,
+        warmup_target=peak if warmup else None, warmup_steps=warmup)
+    common = dict(learning_rate=schedule, weight_decay=t.weight_decay or None,
+                  global_clipnorm=t.global_clipnorm or None,
+                  use_ema=t.ema_momentum > 0, ema_momentum=t.ema_momentum or 0.99)
+    if t.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(momentum=t.momentum, **common)
+    elif t.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(beta_1=t.momentum, **common)
+    else:
+        optimizer = keras.optimizers.AdamW(beta_1=t.momentum, **common)
+    if t.weight_decay:
+        optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
+    logging.info("%s: peak LR %.5g (%g per %d images x %d images/step), warmup %d steps, cosine over %d steps.",
+                 t.optimizer, peak, t.learning_rate, t.lr_reference_batch, config.data.images_per_step,
+                 warmup, total)
+    if t.precision == "mixed_float16":
+        # Dynamic loss scaling; a step with non-finite gradients is skipped.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def build_model(config: Config, strategy, steps_per_epoch):
+    with strategy.scope():
+        detector = checkpoint.build_detector(config)
+        if config.train.sync_batchnorm:
+            set_sync_batchnorm(detector)
+        optimizer = make_optimizer(config, detector, steps_per_epoch)
+        detector.compile(optimizer=optimizer)
+        optimizer.build(detector.trainable_variables)
+    return detector
+
+
+# ---------------------------------------------------------------- workflows
+def prepare(config: Config):
+    """Strategy, precision, data conversion and the model dir check.
+    Returns (resolved config, strategy, is_chief)."""
+    strategy = make_strategy(config.train.strategy)
+    check_replicas(config, strategy.num_replicas_in_sync)
+    keras.mixed_precision.set_global_policy(config.train.precision)
+    if config.train.generate_demo_data:
+        generate_demo_data(config.train.generate_demo_data, config.data.seed)
+    config = resolve_datasets(config)
+    chief = is_chief(strategy)
+    checkpoint.prepare_model_dir(config, write=chief)
+    return config, strategy, chief
+
+
+def train(config: Config, strategy, chief=True, evaluate_during=True):
+    t = config.train
+    model_dir = t.model_dir
+    keras.utils.set_random_seed(config.data.seed)
+    steps_per_epoch, chunk, chunks_per_epoch, total_chunks = schedule_lengths(config)
+    model = build_model(config, strategy, steps_per_epoch)
+
+    state = checkpoint.restore_training_state(model, model_dir)
+    step = int(model.optimizer.iterations.numpy())
+    if state is None and t.backbone_weights:
+        from effdet_tf.modeling.darknet_weights import load_darknet_weights
+
+        logging.info("Darknet weights: %s", load_darknet_weights(model.backbone, t.backbone_weights))
+    if step % chunk:
+        raise RuntimeError(f"Backup at step {step} is not on a {chunk}-step checkpoint boundary; "
+                           "was --checkpoint_every_steps changed? Use --fresh_start.")
+    initial_chunk = step // chunk
+    if initial_chunk >= total_chunks:
+        logging.info("Training already finished at step %d (%d epochs).", step, t.epochs)
+        return {"step": step, "resumed": state is not None}
+    logging.info("%s at step %d: %d epochs of %d steps, checkpoint every %d steps, %d replica(s).",
+                 "Resuming" if state else "Starting", step, t.epochs, steps_per_epoch, chunk,
+                 strategy.num_replicas_in_sync)
+
+    eval_sets = eval_data(config) if evaluate_during else {}
+    evaluator = callbacks_lib.Evaluator(config, eval_sets, os.path.join(model_dir, "eval"), is_chief=chief)
+    watcher = callbacks_lib.NonFiniteLossWatcher(config.head_names, patience=t.max_nonfinite_steps)
+    history = {"eval": []}
+
+    def end_of_epoch(epoch, last):
+        if watcher.failed:
+            return
+        step_now = int(model.optimizer.iterations.numpy())
+        metrics = mean = None
+        if eval_sets and (epoch % t.eval_every_epochs == 0 or last):
+            with checkpoint.ema_weights(model):
+                metrics, mean = evaluator(model, step_now)
+            history["eval"].append({"epoch": epoch, "step": step_now, "metrics": metrics, "mean_ap": mean})
+        if chief:
+            callbacks_lib.save_best_and_last(model, model_dir, epoch, step_now, metrics, mean)
+
+    log_dir = model_dir if chief else os.path.join(model_dir, f".worker-{os.getpid()}")
+    cbs = [
+        watcher,
+        keras.callbacks.TensorBoard(log_dir=log_dir, update_freq=max(1, min(chunk, 50))),
+        callbacks_lib.StepSummaries(os.path.join(model_dir, "train"), config.data.images_per_step,
+                                    every=max(1, min(chunk, 10)), enabled=chief),
+        # Evaluation and best/last run before the backup so a kill during a
+        # long evaluation resumes before it and evaluates again.
+        callbacks_lib.EpochEnd(chunks_per_epoch, total_chunks, end_of_epoch),
+        checkpoint.ResumableBackup(model_dir, is_chief=chief, skip_if=lambda: watcher.failed),
+    ]
+    dataset = train_data(config, model, start_step=step)
+    fit = model.fit(dataset, epochs=total_chunks, initial_epoch=initial_chunk, steps_per_epoch=chunk,
+                    callbacks=cbs, verbose=t.verbose)
+    if not chief:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    if watcher.failed:
+        raise watcher.error
+    return {"step": int(model.optimizer.iterations.numpy()), "resumed": state is not None,
+            "history": fit.history, "eval": history["eval"], "model": model}
+
+
+def evaluate_model_dir(config: Config, which="best"):
+    """--mode=eval: COCO mAP of the saved EMA weights on each val split."""
+    detector, _ = checkpoint.load_detector(config.train.model_dir, which=which)
+    step = (checkpoint.best_metrics(config.train.model_dir) or {}).get("step", 0) if which == "best" else 0
+    eval_sets = eval_data(config)
+    if not eval_sets:
+        raise ConfigError("--mode=eval: no dataset has a val split to evaluate.")
+    evaluator = callbacks_lib.Evaluator(config, eval_sets, os.path.join(config.train.model_dir, "eval"))
+    metrics, mean = evaluator(detector, step)
+    return {"metrics": metrics, "mean_ap": mean}
+
+
+def run(config: Config):
+    """What train.py runs: --mode=train|eval|train_and_eval, then the
+    optional export and picture."""
+    config, strategy, chief = prepare(config)
+    mode = config.train.mode
+    result = {"config": config}
+    if mode in ("train", "train_and_eval"):
+        result["train"] = train(config, strategy, chief, evaluate_during=mode == "train_and_eval")
+    if mode == "eval":
+        result["eval"] = evaluate_model_dir(config)
+    elif mode == "train_and_eval" and result["train"].get("eval"):
+        result["eval"] = result["train"]["eval"][-1]
+    if chief and mode != "eval":
+        after_training(config, result)
+    return result
+
+
+def after_training(config: Config, result):
+    t = config.train
+    if t.export_after_training:
+        from effdet_tf import export_lib
+
+        export_dir = config.export.export_dir or os.path.join(t.model_dir, "export")
+        path = export_lib.export_from_model_dir(
+            t.model_dir, export_dir, version=config.export.export_version,
+            score_threshold=config.export.score_threshold, iou_threshold=config.export.iou_threshold,
+            max_detections=config.export.max_detections)
+        logging.info("Exported SavedModel: %s", path)
+        result["export"] = path
+    if t.visualize_after_training:
+        result["pictures"] = write_pictures(config)
+
+
+def write_pictures(config: Config, num_images=4):
+    """model_dir/detections_<name>.png: val images with ground truth (white)
+    and the best checkpoint's detections."""
+    import cv2
+    import numpy as np
+
+    detector, _ = checkpoint.load_detector(config.train.model_dir, which="best")
+    eval_sets = eval_data(config)
+    evaluator = callbacks_lib.Evaluator(config, eval_sets, log_dir=None, is_chief=False)
+    paths = []
+    for name, (dataset, coco_evaluator) in eval_sets.items():
+        _, samples = evaluation.evaluate(detector, dataset.take(1), coco_evaluator, name,
+                                         score_threshold=0.3, keep_images=num_images)
+        picture = np.concatenate(list(evaluator.drawings(name, samples)), axis=1)
+        path = os.path.join(config.train.model_dir, f"detections_{name}.png")
+        cv2.imwrite(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        logging.info("Wrote %s", path)
+        paths.append(path)
+    return paths

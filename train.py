@@ -1,0 +1,53 @@
+"""Train / evaluate the multi-dataset detector.
+
+    python train.py --flagfile=configs/d0_csp.flags     # the real run
+    python train.py --flagfile=configs/demo.flags       # embedded default, CPU, minutes
+    python train.py --flagfile=configs/d0_csp.flags --mode=eval
+    tensorboard --logdir=MODEL_DIR
+
+Flags: `python train.py --helpfull`; they are the fields of effdet_tf/config.py.
+"""
+
+import sys
+
+from absl import app, flags as absl_flags, logging
+
+from effdet_tf import flags
+from effdet_tf.config import ConfigError
+
+flags.define_flags()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments (not flags): {' '.join(argv[1:])}")
+    try:
+        config = flags.config_from_flags()
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    from effdet_tf import callbacks, checkpoint, train_lib  # imports TensorFlow: after the flag checks
+
+    try:
+        result = train_lib.run(config)
+    except (ConfigError, checkpoint.IncompatibleModelDirError, checkpoint.CheckpointNotFoundError,
+            callbacks.NonFiniteLossError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    summary = result.get("eval")
+    if summary:
+        for name, m in summary["metrics"].items():
+            logging.info("%s: AP %.4f AP50 %.4f AP75 %.4f", name, m["AP"], m["AP50"], m["AP75"])
+    return 0
+
+
+def run():
+    try:
+        app.run(main)
+    except absl_flags.Error as e:  # pragma: no cover - absl reports bad flags itself
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()
