@@ -1,0 +1,442 @@
+"""YOLOv4-style training augmentation (the package's only keras_cv import).
+
+Two stages, both pure functions of their inputs and a stateless seed, so
+they give the same result eagerly and inside `tf.data.Dataset.map`, and a
+seeded pipeline is reproducible:
+
+1. `random_resize` (per image): random scale, translation and horizontal
+   flip, fused with the letterbox resize to the S x S input (the one
+   resample of the pipeline; the geometry costs only a crop/pad copy).
+   With `AugmentConfig.none()` it is exactly the letterbox of
+   INTERFACES.md (longer side = S, top-left, zero pad).
+2. `GroupAugment` (per group of G letterboxed S x S images): keras-cv's
+   `Mosaic` (Bochkovskiy et al. 2020, YOLOv4) and `MixUp` (Zhang et al.
+   2018; boxes kept at full weight for detection, as in Zhang et al. 2019
+   "Bag of Freebies" and YOLOv5), then colour jitter in the HSV sense as
+   one 3x3 colour matrix per image, blended and coloured in one XLA pass.
+
+Images stay uint8 from the resize to the batch: every copy in between
+(shuffle, grouping, Mosaic's tiling) moves 4x fewer bytes than float32.
+
+Why keras-cv's layers are driven through their hooks instead of `__call__`:
+their own random draws are stateful (`tf.random.Generator`, unseeded
+`tf.random.gamma`), so they can be neither reproduced nor made per-element
+with a probability. We draw the transformation statelessly and hand it to
+`Mosaic.augment_images` / `augment_bounding_boxes` (the documented override
+points of keras-cv's vectorized layers) and to MixUp's box rule. keras-cv is
+pinned at 0.9.0, its final release. The layers are built with
+dtype="float32": under a mixed_float16 global policy they would otherwise
+compute images and boxes in float16 without a word.
+
+keras-cv carries only "boxes" and "classes" through its layers, so crowd
+flags ride inside the class: class + CROWD_OFFSET for a crowd box, decoded
+back on the way out (`to_keras_cv` / `from_keras_cv`).
+"""
+
+import dataclasses
+import math
+
+import keras_cv
+import tensorflow as tf
+
+from effdet_tf.ops import boxes as box_ops
+
+# Crowd boxes travel through keras-cv as class + CROWD_OFFSET. keras-cv
+# keeps classes in float32, exact for integers below 2**24.
+CROWD_OFFSET = 1 << 20
+
+# ITU-R BT.601 luma: the grey a saturation change moves towards.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation. Defaults follow YOLOv5's `hyp.scratch-low`
+    for colour/flip/scale (hsv 0.015/0.7/0.4, fliplr 0.5, scale 0.5) and
+    the project's DataConfig for the Mosaic/MixUp probabilities.
+
+    mosaic_prob: probability that an image is a 4-image Mosaic. Drawn per
+      group of `group_size` images (keras-cv's Mosaic computes all or none
+      of a group; a per-image draw would pay for every image anyway).
+    mosaic_offset: range of the mosaic centre, fraction of S (keras-cv).
+    mixup_prob: probability, per image, of MixUp with another group image.
+    mixup_alpha: blend weight ~ Beta(alpha, alpha). 32 as YOLOv5: weights
+      near 0.5, so both images' objects are visible (keras-cv's default
+      0.2 gives weights near 0 or 1: targets for invisible objects).
+    hsv_prob, hsv_gains: probability and (hue, saturation, value) ranges:
+      hue shift of +-h turns, saturation and value gains in 1 +- s, 1 +- v.
+    flip_prob: probability of a horizontal flip.
+    scale_min, scale_max: random zoom relative to the letterbox size.
+    translate: fraction of the free room (canvas minus image; negative when
+      zoomed in) used for a random offset: 0 keeps the top-left letterbox
+      placement, 1 places/crops anywhere.
+    min_box_size, min_box_area_ratio: a box survives a crop if both sides
+      stay >= min_box_size pixels and it keeps >= this fraction of its area
+      (YOLOv5 `box_candidates`: wh_thr=2, area_thr=0.1).
+    """
+
+    mosaic_prob: float = 0.5
+    mosaic_offset: tuple = (0.25, 0.75)
+    mixup_prob: float = 0.15
+    mixup_alpha: float = 32.0
+    hsv_prob: float = 1.0
+    hsv_gains: tuple = (0.015, 0.7, 0.4)
+    flip_prob: float = 0.5
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+    translate: float = 1.0
+    min_box_size: float = 2.0
+    min_box_area_ratio: float = 0.1
+
+    @classmethod
+    def none(cls):
+        """No augmentation: `random_resize` becomes the plain letterbox."""
+        return cls(
+            mosaic_prob=0.0,
+            mixup_prob=0.0,
+            hsv_prob=0.0,
+            flip_prob=0.0,
+            scale_min=1.0,
+            scale_max=1.0,
+            translate=0.0,
+        )
+
+    @property
+    def uses_groups(self):
+        """Whether `GroupAugment` has anything to do."""
+        return self.mosaic_prob > 0.0 or self.mixup_prob > 0.0 or self.hsv_prob > 0.0
+
+
+def to_keras_cv(classes, is_crowd):
+    """int classes [..., M] (-1 padding) + bool is_crowd -> keras-cv float."""
+    classes = tf.cast(classes, tf.int32)
+    encoded = classes + tf.cast(is_crowd, tf.int32) * CROWD_OFFSET
+    return tf.cast(tf.where(classes >= 0, encoded, -1), tf.float32)
+
+
+def from_keras_cv(classes):
+    """keras-cv float classes -> (int32 classes with -1 padding, is_crowd)."""
+    classes = tf.cast(tf.round(classes), tf.int32)
+    valid = classes >= 0
+    return (
+        tf.where(valid, classes % CROWD_OFFSET, -1),
+        valid & (classes >= CROWD_OFFSET),
+    )
+
+
+def _keep_boxes(boxes, clipped, config):
+    """YOLOv5-style candidate test after a geometric transform + clip."""
+    height = clipped[..., 2] - clipped[..., 0]
+    width = clipped[..., 3] - clipped[..., 1]
+    return (
+        (height >= config.min_box_size)
+        & (width >= config.min_box_size)
+        & (
+            box_ops.area(clipped)
+            >= config.min_box_area_ratio * box_ops.area(boxes)
+        )
+    )
+
+
+def _colour_matrices(u, config):
+    """[G, 3, 3] matrices M (pixel' = M @ pixel) for HSV-style colour jitter.
+
+    Value gain scales RGB (V = max(R, G, B) scales with it); saturation
+    moves pixels towards their luma; hue rotates them about the grey axis
+    (Rodrigues' formula). A 3x3 matrix per image costs one fused pass,
+    ~5x less than an RGB -> HSV -> RGB round trip on CPU.
+
+    Args:
+      u: [G, 4] uniforms in [0, 1): apply?, hue, saturation, value.
+    """
+    hue, sat, val = config.hsv_gains
+    apply = tf.cast(u[:, 0] < config.hsv_prob, tf.float32)[:, None, None]
+    theta = apply * (2.0 * u[:, 1, None, None] - 1.0) * hue * 2.0 * math.pi
+    sat_gain = 1.0 + apply * (2.0 * u[:, 2, None, None] - 1.0) * sat
+    val_gain = 1.0 + apply * (2.0 * u[:, 3, None, None] - 1.0) * val
+
+    k = 1.0 / math.sqrt(3.0)
+    cross = tf.constant([[0.0, -k, k], [k, 0.0, -k], [-k, k, 0.0]])
+    outer = tf.fill([3, 3], k * k)
+    eye = tf.eye(3)
+    rotation = (
+        tf.cos(theta) * eye + tf.sin(theta) * cross
+        + (1.0 - tf.cos(theta)) * outer
+    )
+    to_grey = tf.ones([3, 1]) * tf.constant([_LUMA])
+    saturation = sat_gain * eye + (1.0 - sat_gain) * to_grey
+    return val_gain * tf.matmul(rotation, saturation)
+
+
+@tf.function(jit_compile=True)
+def _blend_and_colour(images, partner, weight, matrices):
+    """weight * image + (1 - weight) * images[partner], then the colour
+    matrix, rounded back to uint8: XLA fuses it into one pass over the
+    group (as separate TF ops it is ~8 passes and costs ~10x more).
+
+    images uint8 [G, S, S, 3]; partner int32 [G]; weight float32 [G];
+    matrices float32 [G, 3, 3].
+    """
+    pixels = tf.cast(images, tf.float32)
+    weight = weight[:, None, None, None]
+    pixels = weight * pixels + (1.0 - weight) * tf.gather(pixels, partner)
+    # pixel' = M @ pixel written elementwise, so it fuses (a batched dot
+    # with a contraction of 3 would not).
+    m = matrices[:, None, None, :, :]  # [G, 1, 1, 3 (out), 3 (in)]
+    pixels = (
+        pixels[..., 0:1] * m[..., 0]
+        + pixels[..., 1:2] * m[..., 1]
+        + pixels[..., 2:3] * m[..., 2]
+    )
+    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+
+
+def random_resize(example, image_size, seed, config):
+    """Per-image random scale, translation and flip, fused with the letterbox.
+
+    The image is resized once, to its letterbox size times a random zoom,
+    then placed on the S x S zero canvas at a random offset (cropped where
+    it does not fit) and optionally mirrored. With `AugmentConfig.none()`
+    this is exactly the letterbox (longer side S, top-left).
+
+    Args:
+      example: dict with "image" uint8 [H, W, 3], "boxes" float32 [M, 4]
+        yxyx pixels of that image, "classes" int32 [M], "is_crowd" bool [M]
+        (the decoder's output; other keys are dropped).
+      image_size: S, the square output size.
+      seed: int [2] stateless seed.
+      config: AugmentConfig.
+
+    Returns:
+      {"image": uint8 [S, S, 3], "boxes": float32 [K, 4] yxyx pixels of the
+      output, "classes": int32 [K], "is_crowd": bool [K]}, K <= M (boxes
+      cropped away are dropped).
+    """
+    size = image_size
+    image = example["image"]
+    shape = tf.shape(image)
+    height = tf.cast(shape[0], tf.float32)
+    width = tf.cast(shape[1], tf.float32)
+    u = tf.random.stateless_uniform([4], seed)
+
+    zoom = config.scale_min + (config.scale_max - config.scale_min) * u[0]
+    scale = float(size) / tf.maximum(height, width) * zoom
+    new_h = tf.maximum(tf.cast(tf.round(height * scale), tf.int32), 1)
+    new_w = tf.maximum(tf.cast(tf.round(width * scale), tf.int32), 1)
+    # Integer offsets: negative = the resized image is cropped, positive =
+    # it sits inside the canvas. translate=0 keeps the top-left letterbox.
+    offset_y = tf.cast(
+        tf.round(config.translate * u[1] * tf.cast(size - new_h, tf.float32)),
+        tf.int32,
+    )
+    offset_x = tf.cast(
+        tf.round(config.translate * u[2] * tf.cast(size - new_w, tf.float32)),
+        tf.int32,
+    )
+    flip = u[3] < config.flip_prob
+
+    # tf.image.resize is ~2x faster than crop_and_resize on CPU; the crop,
+    # mirror and pad after it are uint8 copies of the visible part only.
+    resized = tf.image.resize(image, tf.stack([new_h, new_w]))
+    top, left = tf.maximum(-offset_y, 0), tf.maximum(-offset_x, 0)
+    paste_y, paste_x = tf.maximum(offset_y, 0), tf.maximum(offset_x, 0)
+    visible_h = tf.minimum(new_h - top, size - paste_y)
+    visible_w = tf.minimum(new_w - left, size - paste_x)
+    # Columns [left, left + w) of the mirrored image are the mirror of
+    # columns [new_w - left - w, new_w - left) of the unmirrored one.
+    left = tf.where(flip, new_w - left - visible_w, left)
+    visible = resized[top : top + visible_h, left : left + visible_w]
+    # Bilinear weights are convex: values stay in [0, 255]; +0.5 rounds.
+    visible = tf.cast(visible + 0.5, tf.uint8)
+    if config.flip_prob > 0.0:
+        visible = tf.cond(
+            flip, lambda: tf.reverse(visible, [1]), lambda: visible
+        )
+    canvas = tf.image.pad_to_bounding_box(visible, paste_y, paste_x, size, size)
+
+    # Boxes: the per-axis scale the integer resize really applied.
+    scale_y = tf.cast(new_h, tf.float32) / height
+    scale_x = tf.cast(new_w, tf.float32) / width
+    ymin, xmin, ymax, xmax = tf.unstack(tf.reshape(example["boxes"], [-1, 4]), axis=-1)
+    xmin, xmax = tf.cond(
+        flip, lambda: (width - xmax, width - xmin), lambda: (xmin, xmax)
+    )
+    dy = tf.cast(offset_y, tf.float32)
+    dx = tf.cast(offset_x, tf.float32)
+    moved = tf.stack(
+        [ymin * scale_y + dy, xmin * scale_x + dx,
+         ymax * scale_y + dy, xmax * scale_x + dx],
+        axis=-1,
+    )
+    clipped = box_ops.clip(moved, size, size)
+    keep = _keep_boxes(moved, clipped, config)
+    return {
+        "image": tf.ensure_shape(canvas, [size, size, 3]),
+        "boxes": tf.boolean_mask(clipped, keep),
+        "classes": tf.boolean_mask(example["classes"], keep),
+        "is_crowd": tf.boolean_mask(example["is_crowd"], keep),
+    }
+
+
+class GroupAugment:
+    """Mosaic, MixUp (keras-cv) and colour jitter on a dense image group.
+
+    Call with a group dict {"image": uint8 [G, S, S, 3], "boxes": float32
+    [G, M, 4] yxyx pixels, "classes": int32 [G, M] (-1 = padding),
+    "is_crowd": bool [G, M]} (G static, >= 2) and an int [2] seed; returns
+    the same keys, images still uint8, with M' >= M box slots (-1 padding).
+
+    Mosaic: each image of a selected group becomes an S x S window, centred
+    at a random point of `mosaic_offset`, of the 2x2 grid of itself and 3
+    other images of the group (keras-cv draws the 3 from the whole group,
+    itself included; we exclude itself). MixUp: with `mixup_prob` per image,
+    lam * image + (1 - lam) * partner, lam ~ Beta(alpha, alpha), keeping
+    both box sets (keras-cv's rule). Colour: one HSV-style matrix per image,
+    applied after Mosaic/MixUp as YOLOv5 does.
+    """
+
+    def __init__(self, image_size, config):
+        self.image_size = int(image_size)
+        self.config = config
+        self._mosaic = keras_cv.layers.Mosaic(
+            offset=tuple(config.mosaic_offset),
+            bounding_box_format="yxyx",
+            dtype="float32",
+        )
+        self._mixup = keras_cv.layers.MixUp(
+            alpha=config.mixup_alpha, dtype="float32"
+        )
+
+    def __call__(self, group, seed):
+        seeds = tf.random.experimental.stateless_split(seed, 5)
+        size = self.image_size
+        images = tf.ensure_shape(group["image"], [None, size, size, 3])
+        count = tf.shape(images)[0]
+        boxes = tf.reshape(group["boxes"], [count, -1, 4])
+        classes = to_keras_cv(group["classes"], group["is_crowd"])
+
+        if self.config.mosaic_prob > 0.0:
+            apply = (
+                tf.random.stateless_uniform([], seeds[0])
+                < self.config.mosaic_prob
+            )
+            images, boxes, classes = tf.cond(
+                apply,
+                lambda: self._mosaic_group(images, boxes, classes, seeds[1]),
+                lambda: (images, boxes, classes),
+            )
+
+        # MixUp boxes now; its pixels are blended together with the colour.
+        partner = self._partners(count, seeds[2], 1)[:, 0]
+        weight = tf.ones([count])
+        if self.config.mixup_prob > 0.0:
+            weight, boxes, classes = self._mixup_boxes(
+                boxes, classes, partner, seeds[3]
+            )
+        if self.config.hsv_prob > 0.0:
+            u = tf.random.stateless_uniform([count, 4], seeds[4])
+            images = _blend_and_colour(
+                images, partner, weight, _colour_matrices(u, self.config)
+            )
+        elif self.config.mixup_prob > 0.0:
+            identity = tf.tile(tf.eye(3)[None], [count, 1, 1])
+            images = tf.cond(
+                tf.reduce_any(weight < 1.0),
+                lambda: _blend_and_colour(images, partner, weight, identity),
+                lambda: images,
+            )
+
+        classes, is_crowd = from_keras_cv(classes)
+        return {
+            "image": images,
+            "boxes": boxes,
+            "classes": classes,
+            "is_crowd": is_crowd,
+        }
+
+    @staticmethod
+    def _partners(count, seed, num):
+        """[G, num] indices of other group members (never the image itself)."""
+        shift = tf.random.stateless_uniform(
+            [count, num], seed, minval=1, maxval=count, dtype=tf.int32
+        )
+        return (tf.range(count)[:, None] + shift) % count
+
+    def _mosaic_group(self, images, boxes, classes, seed):
+        count = tf.shape(images)[0]
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        low, high = self.config.mosaic_offset
+        transformations = {
+            "permutation_order": tf.concat(
+                [tf.range(count)[:, None], self._partners(count, seeds[0], 3)],
+                axis=1,
+            ),
+            "mosaic_centers": tf.random.stateless_uniform(
+                [count, 2], seeds[1], minval=low, maxval=high
+            ),
+        }
+        # uint8 in: keras-cv gathers and tiles the 4 images before its
+        # crop_and_resize, 4x less memory traffic than float32. Its crop is
+        # an S x S window of the 2S x 2S grid resampled to S x S (a 1:1
+        # scale up to 1/S), so "nearest" is a pixel-exact shift (integer
+        # placement, as YOLOv5's mosaic) at half the cost of "bilinear",
+        # and its float32 output holds exact uint8 values.
+        out_images = self._mosaic.augment_images(
+            images, transformations=transformations, resize_method="nearest"
+        )
+        out = self._mosaic.augment_bounding_boxes(
+            {"boxes": boxes, "classes": classes},
+            transformations=transformations,
+            images=images,
+        )
+        # keras-cv lays out the output boxes as gather(boxes, permutation)
+        # reshaped to [G, 4M]; the same gather of the areas gives each box's
+        # area before the crop, for the YOLOv5 area test (keras-cv itself
+        # only drops boxes clipped to zero area).
+        before = tf.reshape(
+            tf.gather(box_ops.area(boxes), transformations["permutation_order"]),
+            [count, -1],
+        )
+        out_boxes = tf.reshape(out["boxes"], [count, -1, 4])
+        height = out_boxes[..., 2] - out_boxes[..., 0]
+        width = out_boxes[..., 3] - out_boxes[..., 1]
+        keep = (
+            (height >= self.config.min_box_size)
+            & (width >= self.config.min_box_size)
+            & (
+                box_ops.area(out_boxes)
+                >= self.config.min_box_area_ratio * before
+            )
+        )
+        out_classes = tf.where(keep, tf.reshape(out["classes"], [count, -1]), -1.0)
+        return tf.cast(out_images, tf.uint8), out_boxes, out_classes
+
+    def _mixup_boxes(self, boxes, classes, partner, seed):
+        """-> (blend weight [G], 1 where not mixed; boxes; classes)."""
+        count = tf.shape(classes)[0]
+        seeds = tf.random.experimental.stateless_split(seed, 3)
+        apply = (
+            tf.random.stateless_uniform([count], seeds[0])
+            < self.config.mixup_prob
+        )
+        # Beta(a, a) as a ratio of gammas (what keras-cv MixUp samples,
+        # drawn statelessly here).
+        alpha = self.config.mixup_alpha
+        g1 = tf.random.stateless_gamma([count], seeds[1], alpha=alpha)
+        g2 = tf.random.stateless_gamma([count], seeds[2], alpha=alpha)
+        weight = tf.where(apply, g1 / (g1 + g2), 1.0)
+
+        def mix():
+            # keras-cv MixUp's box rule: [own boxes, partner's boxes], at
+            # full weight; the partner's are dropped where no MixUp happens.
+            out = self._mixup._update_bounding_boxes(
+                {"boxes": boxes, "classes": classes}, partner
+            )
+            num = tf.shape(classes)[1]
+            theirs = tf.where(apply[:, None], out["classes"][:, num:], -1.0)
+            return out["boxes"], tf.concat([classes, theirs], axis=1)
+
+        boxes, classes = tf.cond(
+            tf.reduce_any(apply), mix, lambda: (boxes, classes)
+        )
+        return weight, boxes, classes

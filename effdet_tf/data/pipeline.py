@@ -1,0 +1,285 @@
+"""TFRecord files -> training / evaluation batches; multi-dataset steps.
+
+Train, per dataset (every stage a parallel `map` unless noted):
+
+  shards (interleaved) -> [cache] -> repeat -> shuffle (serialized records)
+  -> decode (JPEG DCT-scaled when the image is >= 2x what is needed)
+  -> random_resize: letterbox + scale/translate/flip in one resample, HSV
+     colour matrix, uint8 S x S            (per image, augment.py)
+  -> padded group of G -> Mosaic, MixUp    (per group, augment.py, keras-cv)
+  -> unbatch -> shuffle(4 G) -> anchor targets (model's label encoder)
+  -> batch B -> float32 -> prefetch
+
+Everything after decode works on S x S images, so Mosaic/MixUp run on small
+dense tensors (no ragged images) and the letterbox resize is the only
+resample. Per-element stateless seeds (from `tf.data.Dataset.random`) drive
+every random draw: with `seed` set, two runs give the same batches.
+
+Eval: decode -> letterbox (no augmentation) -> batch, keeping image_id,
+`scale` = S / max(h, w) and the original size, so that
+original-pixel = model-pixel / scale.
+"""
+
+import math
+import random
+
+import tensorflow as tf
+
+from effdet_tf.data import augment as augment_lib
+from effdet_tf.data import decoder
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# Images per group shared by Mosaic/MixUp (partners are drawn within it).
+DEFAULT_GROUP_SIZE = 8
+
+
+def _files(file_pattern, shuffle, seed):
+    patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
+    files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
+    if not files:
+        raise ValueError(f"No TFRecord files match {file_pattern!r}")
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    return ds, len(files)
+
+
+def _records(file_pattern, shuffle, seed):
+    files, num_files = _files(file_pattern, shuffle, seed)
+    if num_files == 1:
+        return files.flat_map(tf.data.TFRecordDataset)
+    return files.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(num_files, 16),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+    )
+
+
+def letterbox(image, image_size, original_size=None):
+    """Aspect-preserving resize (longer side = S) to the top-left of an S x S
+    zero canvas (the model-input convention of INTERFACES.md).
+
+    Args:
+      image: [h, w, 3] (any dtype).
+      image_size: S.
+      original_size: optional int [2] size the image stands for (when it was
+        decoded smaller); `scale` refers to it.
+
+    Returns:
+      (float32 [S, S, 3] in 0..255, scale float32 scalar): model-pixel =
+      original-pixel * scale.
+    """
+    if original_size is None:
+        original_size = tf.shape(image)[:2]
+    original = tf.cast(original_size, tf.float32)
+    scale = float(image_size) / tf.reduce_max(original)
+    new_size = tf.minimum(
+        tf.cast(tf.round(original * scale), tf.int32), image_size
+    )
+    resized = tf.image.resize(image, tf.maximum(new_size, 1))
+    canvas = tf.image.pad_to_bounding_box(resized, 0, 0, image_size, image_size)
+    return canvas, scale
+
+
+# Box counts the XLA-compiled label encoder is padded to: powers of 2 and
+# 1.5x powers of 2, so padding wastes < 50% and few programs are compiled.
+_BOX_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256,
+                384, 512, 768, 1024)
+
+
+class _TargetEncoder:
+    """Calls the label encoder on one image's real boxes (padding removed).
+
+    With `jit`, the call is XLA-compiled (`jit_compile=True`): the encoder
+    is a few dozen elementwise ops over ~49k anchors x M boxes, which XLA
+    fuses (2-3x less CPU). XLA compiles per shape, so the boxes are padded
+    (class -1 rows, which the encoder drops) to the next of
+    `_BOX_BUCKETS`: the cost grows with M, so the buckets are fine-grained.
+    """
+
+    def __init__(self, label_encoder, jit):
+        self.label_encoder = label_encoder
+        self.jit = jit
+        if jit:
+            self._call = tf.function(
+                lambda b, c, k: label_encoder(b, c, k), jit_compile=True
+            )
+
+    def __call__(self, boxes, classes, is_crowd):
+        keep = classes >= 0
+        boxes = tf.boolean_mask(boxes, keep)
+        classes = tf.boolean_mask(classes, keep)
+        is_crowd = tf.boolean_mask(is_crowd, keep)
+        if not self.jit:
+            return self.label_encoder(boxes, classes, is_crowd)
+        count = tf.shape(classes)[0]
+        buckets = tf.constant(_BOX_BUCKETS, tf.int32)
+        index = tf.searchsorted(buckets, count[None], side="left")[0]
+        bucket = tf.where(
+            index < len(_BOX_BUCKETS),
+            tf.gather(buckets, tf.minimum(index, len(_BOX_BUCKETS) - 1)),
+            count,
+        )
+        pad = bucket - count
+        return self._call(
+            tf.pad(boxes, [[0, pad], [0, 0]]),
+            tf.pad(classes, [[0, pad]], constant_values=-1),
+            tf.pad(is_crowd, [[0, pad]]),
+        )
+
+
+def train_dataset(
+    file_pattern,
+    batch_size,
+    image_size,
+    label_encoder,
+    augment=None,
+    *,
+    group_size=DEFAULT_GROUP_SIZE,
+    shuffle_buffer=1024,
+    cache=False,
+    seed=None,
+    jit_label_encoder=True,
+):
+    """Infinite training batches of one dataset.
+
+    Args:
+      file_pattern: glob (or list of globs) of TFRecord shards.
+      batch_size: images per batch (of this dataset).
+      image_size: S, square model input.
+      label_encoder: callable (boxes [M, 4] yxyx px, classes int32 [M],
+        is_crowd bool [M]) -> dict of per-anchor targets, e.g.
+        `ops.label_encoder.LabelEncoder(model.anchors)`.
+      augment: `augment.AugmentConfig`; None = defaults,
+        `AugmentConfig.none()` = letterbox only.
+      group_size: images per Mosaic/MixUp group (>= 2).
+      shuffle_buffer: records in the shuffle buffer.
+      cache: keep decoded images in memory after the first pass (only for
+        datasets that fit: full-size uint8 images).
+      seed: int for a reproducible pipeline, None for a random one.
+      jit_label_encoder: XLA-compile the label encoder call.
+
+    Returns:
+      tf.data.Dataset of (images float32 [B, S, S, 3] in 0..255, targets
+      dict from the label encoder, batched: {"cls_targets": [B, N],
+      "box_targets": [B, N, 4]}), repeating forever.
+    """
+    config = augment if augment is not None else augment_lib.AugmentConfig()
+    if config.uses_groups and group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for Mosaic/MixUp, got {group_size}")
+    deterministic = seed is not None
+    if seed is None:
+        seed = random.randrange(2**31)
+    # Zooming in by scale_max needs that many source pixels per output pixel.
+    min_size = int(math.ceil(image_size * max(1.0, config.scale_max)))
+    decode = lambda record: decoder.decode_example(record, min_size=min_size)
+
+    ds = _records(file_pattern, shuffle=True, seed=seed)
+    if cache:
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE).cache()
+    ds = ds.repeat().shuffle(shuffle_buffer, seed=seed)
+    if not cache:
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+    # One stateless seed per element, from a seeded random stream.
+    element_seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    ds = tf.data.Dataset.zip((ds, element_seeds)).map(
+        lambda example, s: (
+            augment_lib.random_resize(example, image_size, s, config),
+            s,
+        ),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=deterministic,
+    )
+
+    if config.uses_groups:
+        group_augment = augment_lib.GroupAugment(image_size, config)
+        ds = ds.padded_batch(
+            group_size,
+            padding_values=(
+                {"image": tf.constant(0, tf.uint8), "boxes": 0.0,
+                 "classes": -1, "is_crowd": False},
+                tf.constant(0, tf.int64),
+            ),
+            drop_remainder=True,
+        )
+        # The group's seed: its first element's, folded so it differs from
+        # what that element's random_resize drew.
+        ds = ds.map(
+            lambda group, s: (
+                group_augment(
+                    group, tf.random.experimental.stateless_fold_in(s[0], 1)
+                ),
+                s,
+            ),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=deterministic,
+        ).unbatch()
+        # Mosaic is drawn per group: mix groups before batching.
+        ds = ds.shuffle(4 * group_size, seed=seed)
+
+    encoder = _TargetEncoder(label_encoder, jit_label_encoder)
+    ds = ds.map(
+        lambda ex, s: (
+            ex["image"],
+            encoder(ex["boxes"], ex["classes"], ex["is_crowd"]),
+        ),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=deterministic,
+    )
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda images, targets: (tf.cast(images, tf.float32), targets))
+    return ds.prefetch(AUTOTUNE)
+
+
+def eval_dataset(file_pattern, batch_size, image_size):
+    """Evaluation batches, in file order, one pass, no augmentation.
+
+    Returns:
+      tf.data.Dataset of {"images": float32 [B, S, S, 3] 0..255 letterboxed,
+      "image_id": int64 [B] COCO image id, "scale": float32 [B] (model px =
+      original px * scale), "original_size": int32 [B, 2] (height, width)}.
+      The last batch may be smaller.
+    """
+
+    def prepare(record):
+        example = decoder.decode_example(record, min_size=image_size)
+        original = tf.stack([example["height"], example["width"]])
+        images, scale = letterbox(example["image"], image_size, original)
+        return {
+            "images": images,
+            "image_id": example["image_id"],
+            "scale": scale,
+            "original_size": original,
+        }
+
+    files, _ = _files(file_pattern, shuffle=False, seed=None)
+    ds = tf.data.TFRecordDataset(files)
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def multi_dataset(datasets):
+    """One step = one batch of every dataset.
+
+    Args:
+      datasets: {name: train_dataset(...)}; each repeats forever on its own
+        (different sizes and batch sizes are fine), so an epoch is whatever
+        number of steps the trainer asks for (`steps_per_epoch`).
+
+    Returns:
+      tf.data.Dataset of ({name: images [B_name, S, S, 3]},
+      {name: targets dict}), in the dict's order.
+    """
+    names = list(datasets)
+    if not names:
+        raise ValueError("multi_dataset needs at least one dataset")
+    zipped = tf.data.Dataset.zip({name: datasets[name] for name in names})
+    return zipped.map(
+        lambda batch: (
+            {name: batch[name][0] for name in names},
+            {name: batch[name][1] for name in names},
+        )
+    ).prefetch(AUTOTUNE)

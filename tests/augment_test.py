@@ -1,0 +1,233 @@
+"""augment: boxes stay on their objects, crowd flags follow, seeds reproduce.
+
+Scenes are solid rectangles of distinct colours on black; a rectangle's
+class is its index in PALETTE, so the colour under any output box says
+which object it claims to be.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from effdet_tf.data import augment
+from effdet_tf.data import pipeline
+
+PALETTE = np.array(
+    [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
+     (0, 255, 255), (255, 128, 0), (128, 0, 255), (0, 128, 255),
+     (255, 255, 255), (128, 255, 0), (255, 0, 128)],
+    np.float32,
+)
+S = 96
+NONE = augment.AugmentConfig.none()
+
+
+def _scene(height, width, rects):
+    """rects: [(class, ymin, xmin, ymax, xmax)] -> (uint8 image, boxes, classes)."""
+    image = np.zeros((height, width, 3), np.uint8)
+    for k, y0, x0, y1, x1 in rects:
+        image[y0:y1, x0:x1] = PALETTE[k]
+    boxes = np.array([r[1:] for r in rects], np.float32).reshape(-1, 4)
+    return image, boxes, np.array([r[0] for r in rects], np.int32)
+
+
+def _group(num=4, crowd_classes=()):
+    """num S x S images, 2 rectangles each, in cells unique across the group
+    (so a MixUp partner is black under every box)."""
+    cells = [(r, c) for r in range(3) for c in range(3)]
+    images, boxes, classes = [], [], []
+    for i in range(num):
+        rects = []
+        for j in range(2):
+            k = 2 * i + j
+            r, c = cells[k]
+            rects.append((k, 32 * r + 4, 32 * c + 4, 32 * r + 28, 32 * c + 26))
+        image, b, cl = _scene(S, S, rects)
+        images.append(image)
+        boxes.append(b)
+        classes.append(cl)
+    classes = np.stack(classes)
+    return {
+        "image": tf.constant(np.stack(images)),
+        "boxes": tf.constant(np.stack(boxes)),
+        "classes": tf.constant(classes),
+        "is_crowd": tf.constant(np.isin(classes, crowd_classes)),
+    }
+
+
+def _assert_on_objects(image, boxes, classes, min_fraction=0.9):
+    """Pixels under each box (1 px in from its edges) are its class colour."""
+    image = np.asarray(image, np.float32)
+    checked = 0
+    for box, k in zip(np.asarray(boxes), np.asarray(classes)):
+        if k < 0:
+            continue
+        y0, x0, y1, x1 = box
+        region = image[int(np.ceil(y0)) + 1 : int(np.floor(y1)) - 1,
+                       int(np.ceil(x0)) + 1 : int(np.floor(x1)) - 1]
+        if region.size == 0:
+            continue
+        close = np.abs(region - PALETTE[k]).max(-1) < 40
+        assert close.mean() >= min_fraction, (k, box, close.mean())
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_resize_keeps_boxes_on_objects(seed):
+    image, boxes, classes = _scene(
+        72, 108, [(0, 5, 5, 30, 40), (1, 40, 60, 70, 100), (2, 10, 70, 25, 105)]
+    )
+    example = {
+        "image": tf.constant(image), "boxes": tf.constant(boxes),
+        "classes": tf.constant(classes), "is_crowd": tf.constant([False, True, False]),
+    }
+    config = augment.AugmentConfig(flip_prob=0.5, scale_min=0.5, scale_max=1.5,
+                                   translate=1.0)
+    out = augment.random_resize(example, S, tf.constant([seed, 3]), config)
+    assert out["image"].shape == (S, S, 3) and out["image"].dtype == tf.uint8
+    assert _assert_on_objects(out["image"], out["boxes"], out["classes"]) >= 1
+    # Crowd flags follow their boxes (class 1 is the crowd one).
+    np.testing.assert_array_equal(out["is_crowd"].numpy(), out["classes"].numpy() == 1)
+
+
+def test_flip_mirrors_boxes():
+    image, boxes, classes = _scene(48, 96, [(0, 5, 10, 20, 30)])
+    example = {"image": image, "boxes": boxes, "classes": classes,
+               "is_crowd": np.array([False])}
+    config = dataclasses.replace(NONE, flip_prob=1.0)
+    out = augment.random_resize(example, S, tf.constant([0, 0]), config)
+    np.testing.assert_allclose(out["boxes"].numpy(), [[5, 66, 20, 86]], atol=1e-4)
+    _assert_on_objects(out["image"], out["boxes"], out["classes"])
+
+
+def test_no_augmentation_is_the_letterbox():
+    image, boxes, classes = _scene(60, 120, [(0, 6, 10, 30, 50)])
+    example = {"image": image, "boxes": boxes, "classes": classes,
+               "is_crowd": np.array([False])}
+    out = augment.random_resize(example, S, tf.constant([1, 2]), NONE)
+    expected, scale = pipeline.letterbox(image, S)
+    assert float(scale) == pytest.approx(0.8)
+    assert np.abs(out["image"].numpy() - expected.numpy()).max() <= 0.5
+    np.testing.assert_allclose(out["boxes"].numpy(), boxes * 0.8, atol=1e-4)
+    assert not out["image"].numpy()[48:].any()  # zero pad bottom
+
+
+def _group_augment(config, seed, group):
+    return augment.GroupAugment(S, config)(group, tf.constant([seed, 11]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mosaic_keeps_boxes_on_objects(seed):
+    config = dataclasses.replace(NONE, mosaic_prob=1.0)
+    out = _group_augment(config, seed, _group())
+    checked = 0
+    for i in range(4):
+        checked += _assert_on_objects(out["image"][i], out["boxes"][i], out["classes"][i])
+    assert checked >= 4
+    # A mosaic shows parts of other images: some image holds a class that
+    # was not its own.
+    own = np.arange(8).reshape(4, 2)
+    classes = out["classes"].numpy()
+    assert any(set(c[c >= 0]) - set(own[i]) for i, c in enumerate(classes))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mixup_blends_near_half_and_keeps_both_box_sets(seed):
+    config = dataclasses.replace(NONE, mixup_prob=1.0)
+    group = _group()
+    out = _group_augment(config, seed, group)
+    image = out["image"].numpy().astype(np.float32)
+    classes = out["classes"].numpy()
+    assert classes.shape[1] == 4  # own 2 + partner's 2
+    for i in range(4):
+        valid = classes[i][classes[i] >= 0]
+        assert len(set(valid)) == 4
+        for box, k in zip(out["boxes"][i].numpy(), classes[i]):
+            y0, x0, y1, x1 = box.astype(int)
+            mean = image[i, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].reshape(-1, 3).mean(0)
+            colour = PALETTE[k]
+            # The box holds its object's colour at a visible weight: Beta(32, 32)
+            # keeps it in ~[0.3, 0.7]; keras-cv's alpha=0.2 would give ~0 or ~1.
+            ratio = mean @ colour / (colour @ colour)
+            assert 0.25 < ratio < 0.75, (k, ratio)
+            np.testing.assert_allclose(mean, ratio * colour, atol=6)
+
+
+def test_mixup_weights_are_beta_32():
+    aug = augment.GroupAugment(S, dataclasses.replace(NONE, mixup_prob=1.0))
+    weights = []
+    for seed in range(20):
+        w, _, _ = aug._mixup_boxes(
+            tf.zeros([16, 1, 4]), tf.zeros([16, 1]), tf.range(16)[::-1],
+            tf.constant([seed, 0]),
+        )
+        weights.append(w.numpy())
+    weights = np.concatenate(weights)
+    assert weights.min() > 0.25 and weights.max() < 0.75
+    assert abs(weights.mean() - 0.5) < 0.02
+
+
+def test_crowd_flags_survive_mosaic_and_mixup():
+    config = dataclasses.replace(NONE, mosaic_prob=1.0, mixup_prob=1.0)
+    crowd = (1, 4, 6)
+    seen = set()
+    for seed in range(4):
+        out = _group_augment(config, seed, _group(crowd_classes=crowd))
+        classes, is_crowd = out["classes"].numpy(), out["is_crowd"].numpy()
+        valid = classes >= 0
+        np.testing.assert_array_equal(is_crowd[valid], np.isin(classes[valid], crowd))
+        assert not is_crowd[~valid].any()
+        assert classes.max() < 8  # the crowd offset never leaks out
+        seen |= set(classes[valid & is_crowd])
+    assert seen  # some crowd box did survive
+
+
+def test_colour_matrices_keep_grey_and_identity():
+    config = augment.AugmentConfig()
+    u = tf.random.stateless_uniform([64, 4], [1, 2])
+    m = augment._colour_matrices(u, config).numpy()
+    grey = m @ np.array([100.0, 100.0, 100.0])
+    np.testing.assert_allclose(grey, grey[:, :1].repeat(3, 1), rtol=1e-5)
+    assert 59 < grey.min() and grey.max() < 141  # value gain 1 +- 0.4
+    off = augment._colour_matrices(u, NONE).numpy()
+    np.testing.assert_allclose(off, np.broadcast_to(np.eye(3), off.shape), atol=1e-6)
+
+
+def _assert_same(a, b):
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
+def test_same_result_eagerly_and_in_dataset_map():
+    image, boxes, classes = _scene(72, 108, [(0, 5, 5, 30, 40), (1, 40, 60, 70, 100)])
+    example = {"image": image, "boxes": boxes, "classes": classes,
+               "is_crowd": np.array([False, True])}
+    config = augment.AugmentConfig(mosaic_prob=1.0, mixup_prob=0.5)
+    seed = tf.constant([5, 6], tf.int64)
+    eager = augment.random_resize(example, S, seed, config)
+    ds = tf.data.Dataset.from_tensors((example, seed))
+    mapped = next(iter(ds.map(lambda e, s: augment.random_resize(e, S, s, config))))
+    _assert_same(eager, mapped)
+
+    group = _group(crowd_classes=(3,))
+    aug = augment.GroupAugment(S, config)
+    eager = aug(group, seed)
+    mapped = next(iter(tf.data.Dataset.from_tensors(group).map(lambda g: aug(g, seed))))
+    _assert_same(eager, mapped)
+
+
+def test_float32_under_mixed_precision_policy():
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        config = augment.AugmentConfig(mosaic_prob=1.0, mixup_prob=1.0)
+        out = augment.GroupAugment(S, config)(_group(), tf.constant([0, 1]))
+    finally:
+        keras.config.set_dtype_policy(policy)
+    assert out["boxes"].dtype == tf.float32
+    assert out["image"].dtype == tf.uint8
+    assert out["classes"].dtype == tf.int32
