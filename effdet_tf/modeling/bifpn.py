@@ -29,6 +29,7 @@ import keras
 from effdet_tf.modeling.layers import (
     EFFDET_BN_EPSILON,
     EFFDET_BN_MOMENTUM,
+    FusedBatchNormalization,
     SeparableConvBN,
     WeightedFusion,
 )
@@ -121,7 +122,7 @@ class BiFPN(keras.layers.Layer):
             self.num_channels, 1, use_bias=False, dtype=self.dtype_policy,
             name=f"{name}_conv",
         )
-        bn = keras.layers.BatchNormalization(
+        bn = FusedBatchNormalization(
             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             dtype=self.dtype_policy, name=f"{name}_bn",
         )

@@ -18,7 +18,11 @@ import math
 
 import keras
 
-from effdet_tf.modeling.layers import EFFDET_BN_EPSILON, EFFDET_BN_MOMENTUM
+from effdet_tf.modeling.layers import (
+    EFFDET_BN_EPSILON,
+    EFFDET_BN_MOMENTUM,
+    FusedBatchNormalization,
+)
 
 CLASS_PRIOR = 0.01
 
@@ -67,7 +71,7 @@ class _LevelSharedNet(keras.layers.Layer):
         ]
         self.bns = [
             [
-                keras.layers.BatchNormalization(
+                FusedBatchNormalization(
                     momentum=bn_momentum,
                     epsilon=bn_epsilon,
                     dtype=self.dtype_policy,
