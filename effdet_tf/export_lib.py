@@ -1,0 +1,468 @@
+"""SavedModel export for TF Serving: per-dataset signatures, all in the graph.
+
+The SavedModel contract (shared/DESIGN.md) is what clients outside the
+project rely on: one signature per dataset (`<name>`: uint8 images,
+`<name>_bytes`: encoded JPEG/PNG), `serving_default` = the first dataset,
+`all` / `all_bytes` running every head on one backbone pass, float32
+normalised boxes of the INPUT image, the dataset's own COCO category ids,
+and `assets/label_map.json`.
+
+Why `keras.export.ExportArchive` and not `tf.saved_model.save` on a
+`tf.Module`: TF Serving loads the graph through the C++ session loader, and a
+Keras 3 model saved from a plain tf.Module loads in Python but fails there
+with "Could not find variable ..." (seen with TF 2.21). ExportArchive tracks
+the variables the endpoints use so both loaders work; the tests run
+`saved_model_cli run`, which loads the session way.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from effdet_tf.ops import boxes as box_ops
+from effdet_tf.ops.postprocess import postprocess
+
+LABEL_MAP_ASSET = "label_map.json"
+LABEL_MAP_FORMAT = "effdet_tf.label_map.v1"
+ALL_SIGNATURE = "all"
+BYTES_SUFFIX = "_bytes"
+
+
+class ExportError(ValueError):
+    """A user-facing export problem (bad model dir, name, version)."""
+
+
+# ---------------------------------------------------------------------------
+# Pre-processing (graph ops; the same as INTERFACES.md's model input).
+
+
+def resize_and_pad(images, image_size):
+    """Aspect-preserving resize so the longer side is S, zero-pad bottom/right.
+
+    Args:
+      images: [B, H, W, 3] any real dtype (uint8 from clients), RGB 0..255.
+      image_size: S, the model's square input side.
+
+    Returns:
+      (float32 [B, S, S, 3] in 0..255, scale float32 scalar) with
+      model-pixel = input-pixel * scale.
+    """
+    shape = tf.shape(images)
+    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    scale = tf.cast(image_size, tf.float32) / tf.maximum(height, width)
+    new_h = tf.clip_by_value(tf.cast(tf.round(height * scale), tf.int32), 1, image_size)
+    new_w = tf.clip_by_value(tf.cast(tf.round(width * scale), tf.int32), 1, image_size)
+    resized = tf.image.resize(tf.cast(images, tf.float32), tf.stack([new_h, new_w]), method="bilinear")
+    # Bilinear can overshoot nothing, but a float input might: keep 0..255.
+    resized = tf.clip_by_value(resized, 0.0, 255.0)
+    padded = tf.image.pad_to_bounding_box(resized, 0, 0, image_size, image_size)
+    return padded, scale
+
+
+def _preprocess_images(images, image_size):
+    """uint8 [B, H, W, 3] (one size per batch) -> model input, scales, sizes."""
+    padded, scale = resize_and_pad(images, image_size)
+    batch = tf.shape(images)[0]
+    sizes = tf.tile(tf.shape(images)[1:3][None], [batch, 1])
+    return padded, tf.fill([batch], scale), sizes
+
+
+def _preprocess_bytes(image_bytes, image_size):
+    """string [B] JPEG/PNG, each its own size -> model input, scales, sizes."""
+
+    def one(encoded):
+        # channels=3: greyscale is expanded, alpha dropped; the first frame
+        # of an animation only, so every element has rank 3.
+        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        padded, scale = resize_and_pad(image[None], image_size)
+        return padded[0], scale, tf.shape(image)[0:2]
+
+    return tf.map_fn(
+        one,
+        image_bytes,
+        fn_output_signature=(
+            tf.TensorSpec([image_size, image_size, 3], tf.float32),
+            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([2], tf.int32),
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Post-processing (after the network): input-image coordinates, COCO ids.
+
+
+def _to_input_coordinates(boxes, scales, sizes):
+    """yxyx model pixels [B, K, 4] -> normalised yxyx of each input, clipped."""
+    boxes = boxes / scales[:, None, None]
+    sizes = tf.cast(sizes, tf.float32)
+    boxes = box_ops.normalize(boxes, sizes[:, 0:1], sizes[:, 1:2])
+    return box_ops.clip(boxes, 1.0, 1.0)
+
+
+def _valid_mask(num_detections, k):
+    return tf.sequence_mask(num_detections, k)
+
+
+class _Serving:
+    """Builds the signature functions for one detector and its label maps."""
+
+    def __init__(self, detector, label_maps, score_threshold, iou_threshold, max_detections, pre_nms_topk):
+        self.detector = detector
+        self.head_names = list(label_maps)
+        self.image_size = int(detector.image_size)
+        self.score_threshold = float(score_threshold)
+        self.iou_threshold = float(iou_threshold)
+        self.max_detections = int(max_detections)
+        self.pre_nms_topk = int(pre_nms_topk)
+        self.anchors = detector.anchors.boxes
+        # Contiguous index -> COCO category id, one table per head.
+        self.category_ids = {
+            name: [int(c["id"]) for c in sorted(label_maps[name]["classes"], key=lambda c: int(c["index"]))]
+            for name in self.head_names
+        }
+        # Backbone + neck as ONE tf.function shared by every endpoint, and
+        # one per head: each is traced once, stored once in saved_model.pb,
+        # and found in the trace cache when SavedModel re-traces every
+        # signature while saving (inline copies of the whole detector in
+        # each of the 7 signatures made export ~3x slower and the .pb larger).
+        # A dataset's signature runs only its own head; `all` runs every head
+        # on one backbone pass.
+        self.features = tf.function(
+            lambda x: detector.feature_extractor(x, training=False),
+            input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)],
+            autograph=False,
+        )
+        self.heads = {name: tf.function(self._head_fn(name), autograph=False) for name in self.head_names}
+
+    def _head_fn(self, name):
+        """What `detector(images)[name]` computes from the shared features."""
+
+        def head(levels):
+            return {
+                "cls_logits": self.detector.class_nets[name](levels, training=False),
+                "box_deltas": self.detector.box_nets[name](levels, training=False),
+            }
+
+        return head
+
+    def _head_detections(self, outputs, name, scales, sizes):
+        detections = postprocess(
+            tf.cast(outputs[name]["cls_logits"], tf.float32),
+            tf.cast(outputs[name]["box_deltas"], tf.float32),
+            self.anchors,
+            score_threshold=self.score_threshold,
+            iou_threshold=self.iou_threshold,
+            max_detections=self.max_detections,
+            pre_nms_topk=self.pre_nms_topk,
+        )
+        k = self.max_detections
+        num = tf.cast(detections["num_detections"], tf.int32)
+        valid = _valid_mask(num, k)
+        ids = tf.constant(self.category_ids[name], tf.int32)
+        classes = tf.gather(ids, tf.cast(detections["classes"], tf.int32))
+        boxes = _to_input_coordinates(tf.cast(detections["boxes"], tf.float32), scales, sizes)
+        zeros = tf.zeros_like
+        return {
+            "detection_boxes": tf.where(valid[..., None], boxes, zeros(boxes)),
+            "detection_scores": tf.where(valid, tf.cast(detections["scores"], tf.float32), 0.0),
+            "detection_classes": tf.where(valid, classes, zeros(classes)),
+            "num_detections": num,
+        }
+
+    def network(self, images, names):
+        """Detector outputs of heads `names` ({name: {"cls_logits",
+        "box_deltas"}}), the same as `detector(images)` restricted to them."""
+        levels = list(self.features(images))
+        return {name: self.heads[name](levels) for name in names}
+
+    def detect(self, name, images, scales, sizes):
+        """One head's detections."""
+        outputs = self.network(images, [name])
+        return self._head_detections(outputs, name, scales, sizes)
+
+    def detect_all(self, images, scales, sizes):
+        """Every head on the same images (one backbone pass), merged by
+        score, top K overall."""
+        outputs = self.network(images, self.head_names)
+        k = self.max_detections
+        per_head = [self._head_detections(outputs, name, scales, sizes) for name in self.head_names]
+        boxes = tf.concat([d["detection_boxes"] for d in per_head], axis=1)
+        classes = tf.concat([d["detection_classes"] for d in per_head], axis=1)
+        heads = tf.concat(
+            [tf.fill(tf.shape(d["detection_classes"]), i) for i, d in enumerate(per_head)], axis=1
+        )
+        valid = tf.concat([_valid_mask(d["num_detections"], k) for d in per_head], axis=1)
+        # Padding must sort after every real detection, even one scored 0.
+        scores = tf.concat([d["detection_scores"] for d in per_head], axis=1)
+        scores = tf.where(valid, scores, -1.0)
+        top_scores, order = tf.math.top_k(scores, k=k)
+        num = tf.minimum(tf.add_n([d["num_detections"] for d in per_head]), k)
+        keep = _valid_mask(num, k)
+        gather = lambda x: tf.gather(x, order, batch_dims=1)  # noqa: E731
+        return {
+            "detection_boxes": gather(boxes),
+            "detection_scores": tf.where(keep, top_scores, 0.0),
+            "detection_classes": gather(classes),
+            "detection_heads": tf.where(keep, gather(heads), 0),
+            "num_detections": num,
+        }
+
+    # Endpoint functions (traced by ExportArchive with autograph off).
+    def images_fn(self, name):
+        def serve(images):
+            x, scales, sizes = _preprocess_images(images, self.image_size)
+            return self.detect(name, x, scales, sizes)
+
+        return serve
+
+    def bytes_fn(self, name):
+        def serve(image_bytes):
+            x, scales, sizes = _preprocess_bytes(image_bytes, self.image_size)
+            return self.detect(name, x, scales, sizes)
+
+        return serve
+
+    def all_images_fn(self, images):
+        return self.detect_all(*_preprocess_images(images, self.image_size))
+
+    def all_bytes_fn(self, image_bytes):
+        return self.detect_all(*_preprocess_bytes(image_bytes, self.image_size))
+
+
+def label_map_document(detector, label_maps, score_threshold, iou_threshold, max_detections):
+    """The `assets/label_map.json` content.
+
+    `heads[i]` is head index i (the `detection_heads` output of `all`);
+    each class lists its contiguous index, COCO category id and name.
+    """
+    return {
+        "format": LABEL_MAP_FORMAT,
+        "heads": [
+            {
+                "index": i,
+                "name": name,
+                "signatures": [name, name + BYTES_SUFFIX],
+                "classes": [
+                    {"index": int(c["index"]), "id": int(c["id"]), "name": str(c["name"])}
+                    for c in sorted(label_maps[name]["classes"], key=lambda c: int(c["index"]))
+                ],
+            }
+            for i, name in enumerate(label_maps)
+        ],
+        "serving_default": next(iter(label_maps)),
+        "image_size": int(detector.image_size),
+        "score_threshold": float(score_threshold),
+        "iou_threshold": float(iou_threshold),
+        "max_detections": int(max_detections),
+    }
+
+
+def build_archive(
+    detector,
+    label_maps,
+    asset_path,
+    score_threshold=0.05,
+    iou_threshold=0.5,
+    max_detections=100,
+    pre_nms_topk=1000,
+):
+    """An ExportArchive with every signature of the contract.
+
+    Args:
+      detector: a built float32 `Detector`.
+      label_maps: ordered dict head name -> {"classes": [{index, id, name}]};
+        its order is the signature order (the first one is serving_default).
+      asset_path: a file named label_map.json to ship as the asset.
+    """
+    missing = [name for name in label_maps if name not in detector.head_names]
+    if missing:
+        raise ExportError(f"Label maps name heads {missing} the model does not have ({detector.head_names}).")
+    serving = _Serving(detector, label_maps, score_threshold, iou_threshold, max_detections, pre_nms_topk)
+    images_spec = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
+    bytes_spec = [tf.TensorSpec([None], tf.string, name="image_bytes")]
+
+    archive = keras.export.ExportArchive()
+    # No archive.track(detector): the endpoints' variables are tracked
+    # automatically, and track() would walk every sub-object of the model in
+    # SavedModel mode, which rejects Keras' auto-wrapped dicts with int keys.
+    # The detector holds no lookup tables, the one thing track() adds.
+    # ExportArchive aliases its FIRST endpoint as serving_default.
+    for name in label_maps:
+        archive.add_endpoint(name, serving.images_fn(name), input_signature=images_spec)
+        archive.add_endpoint(name + BYTES_SUFFIX, serving.bytes_fn(name), input_signature=bytes_spec)
+    archive.add_endpoint(ALL_SIGNATURE, serving.all_images_fn, input_signature=images_spec)
+    archive.add_endpoint(ALL_SIGNATURE + BYTES_SUFFIX, serving.all_bytes_fn, input_signature=bytes_spec)
+    # ExportArchive.track() keeps only variables and lookup tables, so the
+    # label map rides on the saved root object as a tf.saved_model.Asset:
+    # saving copies it into assets/ and lists it in the MetaGraph's
+    # asset_file_def, as the session loader expects.
+    archive._tf_trackable.label_map = tf.saved_model.Asset(asset_path)
+    return archive
+
+
+# ---------------------------------------------------------------------------
+# Versioned writing.
+
+
+def _versions(export_dir):
+    if not os.path.isdir(export_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(export_dir) if d.isdigit())
+
+
+def next_version(export_dir):
+    """1 + the largest numeric sub-folder (TF Serving serves the largest)."""
+    versions = _versions(export_dir)
+    return (versions[-1] + 1) if versions else 1
+
+
+def _check_head_names(names):
+    for name in names:
+        bad = name in (ALL_SIGNATURE, "serving_default") or name.endswith(BYTES_SUFFIX)
+        if bad or not name.replace("_", "").isalnum():
+            raise ExportError(
+                f"Dataset name {name!r} cannot be a signature name (letters, digits, '_'; "
+                f"not {ALL_SIGNATURE!r}, 'serving_default' or ending in {BYTES_SUFFIX!r})."
+            )
+
+
+def export_detector(
+    detector,
+    label_maps,
+    export_dir,
+    version=0,
+    score_threshold=0.05,
+    iou_threshold=0.5,
+    max_detections=100,
+    pre_nms_topk=1000,
+):
+    """Writes `export_dir/<version>/` (0: next free) and returns its path.
+
+    Written to a hidden temporary folder inside `export_dir` first and renamed
+    into place, so TF Serving (which polls the folder) never sees a half
+    written version, and an existing version is never touched.
+    """
+    label_maps = dict(label_maps)
+    _check_head_names(label_maps)
+    version = int(version) or next_version(export_dir)
+    if version < 0:
+        raise ExportError(f"--version must be a positive integer, got {version}.")
+    final = os.path.join(export_dir, str(version))
+    if os.path.exists(final):
+        raise ExportError(
+            f"{final} already exists; nothing was written. Pass another --version "
+            f"or leave it out to use the next free one ({next_version(export_dir)})."
+        )
+    os.makedirs(export_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
+    try:
+        doc = label_map_document(detector, label_maps, score_threshold, iou_threshold, max_detections)
+        asset_dir = os.path.join(tmp, "asset_src")
+        os.makedirs(asset_dir)
+        asset_path = os.path.join(asset_dir, LABEL_MAP_ASSET)
+        with open(asset_path, "w") as f:
+            json.dump(doc, f, indent=2)
+        archive = build_archive(
+            detector, label_maps, asset_path, score_threshold, iou_threshold, max_detections, pre_nms_topk
+        )
+        saved = os.path.join(tmp, "saved_model")
+        # Serving never differentiates: skipping the custom-gradient
+        # functions (which SavedModel otherwise re-traces, quadratically in
+        # graph size) makes writing several times faster.
+        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+        archive.write_out(saved, options=options, verbose=False)
+        if os.path.exists(final):
+            raise ExportError(f"{final} appeared while exporting; nothing was overwritten.")
+        os.rename(saved, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------
+# From a training model dir.
+
+
+def _float32_detector(detector):
+    """The same weights in a float32 detector (outputs float32 whatever the
+    training precision; float16 NMS would also lose score resolution)."""
+    if detector.dtype_policy.compute_dtype == "float32":
+        return detector
+    config = detector.get_config()
+    config["dtype"] = "float32"
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        clone = detector.__class__.from_config(config)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    clone.set_weights(detector.get_weights())
+    return clone
+
+
+def check_model_dir(model_dir, which):
+    """Clear errors before anything is built or written; returns
+    (Config, weights path). "best" falls back to "last" when the run never
+    evaluated (checkpoint.weights_path)."""
+    from effdet_tf import checkpoint  # workflow-level import
+
+    if which not in ("best", "last"):
+        raise ExportError(f"--which must be 'best' or 'last', got {which!r}.")
+    if not model_dir or not os.path.isdir(model_dir):
+        raise ExportError(f"--model_dir={model_dir!r} is not a directory.")
+    try:
+        config = checkpoint.read_config(model_dir)
+        path = checkpoint.weights_path(model_dir, which)
+    except checkpoint.CheckpointNotFoundError as e:
+        raise ExportError(str(e)) from None
+    return config, path
+
+
+def select_heads(label_maps, datasets):
+    """The label maps of `datasets` (names, in that order), or all of them."""
+    if not datasets:
+        return dict(label_maps)
+    unknown = [d for d in datasets if d not in label_maps]
+    if unknown:
+        raise ExportError(f"Unknown dataset(s) {unknown}; this model has {list(label_maps)}.")
+    return {d: label_maps[d] for d in datasets}
+
+
+def export_from_model_dir(
+    model_dir,
+    export_dir,
+    version=0,
+    which="best",
+    datasets=None,
+    score_threshold=0.05,
+    iou_threshold=0.5,
+    max_detections=100,
+    pre_nms_topk=1000,
+):
+    """Loads the EMA weights of a training model dir and exports them."""
+    from effdet_tf import checkpoint  # workflow-level import
+
+    config, _ = check_model_dir(model_dir, which)
+    if not export_dir:
+        raise ExportError("--export_dir is required.")
+    version = int(version or 0)
+    if version and os.path.exists(os.path.join(export_dir, str(version))):
+        raise ExportError(f"{os.path.join(export_dir, str(version))} already exists; nothing was written.")
+    label_maps = select_heads(config.label_maps(), datasets)
+    detector, _ = checkpoint.load_detector(model_dir, which=which)
+    detector = _float32_detector(detector)
+    return export_detector(
+        detector,
+        label_maps,
+        export_dir,
+        version=version,
+        score_threshold=score_threshold,
+        iou_threshold=iou_threshold,
+        max_detections=max_detections,
+        pre_nms_topk=pre_nms_topk,
+    )
