@@ -100,16 +100,16 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
                 tf.cast(new_var, self.moving_variance.dtype)
             )
             return y
-        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            x,
-            gamma,
-            beta,
-            mean=mean,
-            variance=var,
-            epsilon=self.epsilon,
-            is_training=False,
-        )
-        return y
+        # Inference: y = x * scale + offset, NOT FusedBatchNormV3
+        # (is_training=False). With oneDNN on (TF's default on x86 CPUs),
+        # grappler's remapper rewrites Conv2D + FusedBatchNorm + Mish into one
+        # fused op that has no CPU kernel: every inference graph (tf.function,
+        # SavedModel, TF Serving, saved_model_cli) then fails with "Fusion is
+        # not implemented: [FusedBatchNorm,Mish]" (seen with TF 2.21; eager
+        # mode is unaffected). Same values; grappler still folds it into the conv.
+        scale = gamma * tf.math.rsqrt(var + self.epsilon)
+        offset = beta - mean * scale
+        return x * tf.cast(scale, x.dtype) + tf.cast(offset, x.dtype)
 
 
 # Darknet keeps rolling statistics as 0.99 * old + 0.01 * new; its epsilon is
