@@ -3,9 +3,10 @@
   floor  read + decode + letterbox resize + batch: no pipeline can beat it.
   naive  decode, resize, ragged batch, keras-cv Mosaic, keras-cv MixUp, the
          layers called as documented (the composition issue 3 measured).
-  full   effdet_tf.data.pipeline.train_dataset: shuffle, decode, scale /
-         translate / flip / HSV, Mosaic, MixUp, anchor targets with the
-         model's LabelEncoder (49,104 anchors at 512), batch.
+  full   effdet_tf.data.pipeline.train_dataset with its defaults: shuffle,
+         decode, scale / translate / flip, Mosaic (p=0.5), MixUp (p=0.15),
+         anchor targets with the model's LabelEncoder (49,104 anchors at
+         512, XLA-compiled), batch, HSV jitter + float32.
   full_cached  the same with `cache=True` (decoded images kept in memory).
 
 Every pipeline reads the same TFRecords, repeats forever, and is timed in

@@ -186,7 +186,7 @@ def test_crowd_flags_survive_mosaic_and_mixup():
     assert seen  # some crowd box did survive
 
 
-def test_colour_matrices_keep_grey_and_identity():
+def test_colour_jitter_keeps_grey_and_casts_to_float32():
     config = augment.AugmentConfig()
     u = tf.random.stateless_uniform([64, 4], [1, 2])
     m = augment._colour_matrices(u, config).numpy()
@@ -195,6 +195,16 @@ def test_colour_matrices_keep_grey_and_identity():
     assert 59 < grey.min() and grey.max() < 141  # value gain 1 +- 0.4
     off = augment._colour_matrices(u, NONE).numpy()
     np.testing.assert_allclose(off, np.broadcast_to(np.eye(3), off.shape), atol=1e-6)
+
+    images = _group()["image"]
+    out = augment.colour_jitter(images, tf.constant([3, 4]), config)
+    assert out.dtype == tf.float32 and out.shape == images.shape
+    assert float(tf.reduce_min(out)) >= 0.0 and float(tf.reduce_max(out)) <= 255.0
+    assert not np.allclose(out.numpy(), images.numpy())
+    # Black stays black (the letterbox padding is not coloured in).
+    assert not out.numpy()[(images.numpy() == 0).all(-1)].any()
+    plain = augment.colour_jitter(images, tf.constant([3, 4]), NONE)
+    np.testing.assert_array_equal(plain.numpy(), images.numpy().astype(np.float32))
 
 
 def _assert_same(a, b):
@@ -219,6 +229,11 @@ def test_same_result_eagerly_and_in_dataset_map():
     mapped = next(iter(tf.data.Dataset.from_tensors(group).map(lambda g: aug(g, seed))))
     _assert_same(eager, mapped)
 
+    eager = augment.colour_jitter(group["image"], seed, config)
+    mapped = next(iter(tf.data.Dataset.from_tensors(group["image"]).map(
+        lambda images: augment.colour_jitter(images, seed, config))))
+    np.testing.assert_array_equal(eager.numpy(), mapped.numpy())
+
 
 def test_float32_under_mixed_precision_policy():
     policy = keras.config.dtype_policy()
@@ -231,3 +246,22 @@ def test_float32_under_mixed_precision_policy():
     assert out["boxes"].dtype == tf.float32
     assert out["image"].dtype == tf.uint8
     assert out["classes"].dtype == tf.int32
+
+
+def test_images_without_boxes():
+    group = _group()
+    empty = {
+        "image": group["image"],
+        "boxes": tf.zeros([4, 0, 4]),
+        "classes": tf.zeros([4, 0], tf.int32),
+        "is_crowd": tf.zeros([4, 0], tf.bool),
+    }
+    config = augment.AugmentConfig(mosaic_prob=1.0, mixup_prob=1.0)
+    out = augment.GroupAugment(S, config)(empty, tf.constant([0, 1]))
+    assert out["image"].shape == (4, S, S, 3)
+    assert not (out["classes"].numpy() >= 0).any()
+
+    example = {"image": np.zeros((50, 70, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),
+               "classes": np.zeros((0,), np.int32), "is_crowd": np.zeros((0,), bool)}
+    out = augment.random_resize(example, S, tf.constant([0, 1]), config)
+    assert out["boxes"].shape == (0, 4)

@@ -1,6 +1,6 @@
 """YOLOv4-style training augmentation (the package's only keras_cv import).
 
-Two stages, both pure functions of their inputs and a stateless seed, so
+Three stages, all pure functions of their inputs and a stateless seed, so
 they give the same result eagerly and inside `tf.data.Dataset.map`, and a
 seeded pipeline is reproducible:
 
@@ -12,11 +12,13 @@ seeded pipeline is reproducible:
 2. `GroupAugment` (per group of G letterboxed S x S images): keras-cv's
    `Mosaic` (Bochkovskiy et al. 2020, YOLOv4) and `MixUp` (Zhang et al.
    2018; boxes kept at full weight for detection, as in Zhang et al. 2019
-   "Bag of Freebies" and YOLOv5), then colour jitter in the HSV sense as
-   one 3x3 colour matrix per image, blended and coloured in one XLA pass.
+   "Bag of Freebies" and YOLOv5).
+3. `colour_jitter` (per final batch): colour jitter in the HSV sense as one
+   3x3 colour matrix per image, fused by XLA with the uint8 -> float32 cast.
 
 Images stay uint8 from the resize to the batch: every copy in between
-(shuffle, grouping, Mosaic's tiling) moves 4x fewer bytes than float32.
+(shuffle, grouping, Mosaic's tiling, batching) moves 4x fewer bytes than
+float32.
 
 Why keras-cv's layers are driven through their hooks instead of `__call__`:
 their own random draws are stateful (`tf.random.Generator`, unseeded
@@ -104,7 +106,7 @@ class AugmentConfig:
     @property
     def uses_groups(self):
         """Whether `GroupAugment` has anything to do."""
-        return self.mosaic_prob > 0.0 or self.mixup_prob > 0.0 or self.hsv_prob > 0.0
+        return self.mosaic_prob > 0.0 or self.mixup_prob > 0.0
 
 
 def to_keras_cv(classes, is_crowd):
@@ -124,17 +126,15 @@ def from_keras_cv(classes):
     )
 
 
-def _keep_boxes(boxes, clipped, config):
-    """YOLOv5-style candidate test after a geometric transform + clip."""
+def _keep_boxes(clipped, area_before, config):
+    """YOLOv5 `box_candidates` after a crop: both sides >= min_box_size and
+    >= min_box_area_ratio of the area the box had before the crop."""
     height = clipped[..., 2] - clipped[..., 0]
     width = clipped[..., 3] - clipped[..., 1]
     return (
         (height >= config.min_box_size)
         & (width >= config.min_box_size)
-        & (
-            box_ops.area(clipped)
-            >= config.min_box_area_ratio * box_ops.area(boxes)
-        )
+        & (box_ops.area(clipped) >= config.min_box_area_ratio * area_before)
     )
 
 
@@ -169,26 +169,50 @@ def _colour_matrices(u, config):
 
 
 @tf.function(jit_compile=True)
-def _blend_and_colour(images, partner, weight, matrices):
-    """weight * image + (1 - weight) * images[partner], then the colour
-    matrix, rounded back to uint8: XLA fuses it into one pass over the
-    group (as separate TF ops it is ~8 passes and costs ~10x more).
-
-    images uint8 [G, S, S, 3]; partner int32 [G]; weight float32 [G];
-    matrices float32 [G, 3, 3].
-    """
+def _blend(images, partner, weight):
+    """uint8 weight * image + (1 - weight) * images[partner], one fused XLA
+    pass (as separate TF ops ~8 passes over the group, ~5x the cost)."""
     pixels = tf.cast(images, tf.float32)
     weight = weight[:, None, None, None]
     pixels = weight * pixels + (1.0 - weight) * tf.gather(pixels, partner)
+    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+
+
+@tf.function(jit_compile=True)
+def _colour_to_float(images, matrices):
+    """uint8 [B, S, S, 3] -> float32 M @ pixel, clipped to [0, 255]: the
+    pipeline's uint8 -> float32 cast and the colour jitter in one pass."""
+    pixels = tf.cast(images, tf.float32)
     # pixel' = M @ pixel written elementwise, so it fuses (a batched dot
     # with a contraction of 3 would not).
-    m = matrices[:, None, None, :, :]  # [G, 1, 1, 3 (out), 3 (in)]
+    m = matrices[:, None, None, :, :]  # [B, 1, 1, 3 (out), 3 (in)]
     pixels = (
         pixels[..., 0:1] * m[..., 0]
         + pixels[..., 1:2] * m[..., 1]
         + pixels[..., 2:3] * m[..., 2]
     )
-    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+    return tf.clip_by_value(pixels, 0.0, 255.0)
+
+
+def colour_jitter(images, seed, config):
+    """HSV-style colour jitter of a batch, and its cast to float32.
+
+    The last augmentation (YOLOv5 also jitters colour after Mosaic/MixUp),
+    run on the final batch so that it shares its one pass over the pixels
+    with the uint8 -> float32 cast the model input needs anyway.
+
+    Args:
+      images: uint8 [B, S, S, 3].
+      seed: int [2] stateless seed.
+      config: AugmentConfig (hsv_prob, hsv_gains).
+
+    Returns:
+      float32 [B, S, S, 3] in [0, 255].
+    """
+    if config.hsv_prob <= 0.0:
+        return tf.cast(images, tf.float32)
+    u = tf.random.stateless_uniform([tf.shape(images)[0], 4], seed)
+    return _colour_to_float(images, _colour_matrices(u, config))
 
 
 def random_resize(example, image_size, seed, config):
@@ -269,7 +293,7 @@ def random_resize(example, image_size, seed, config):
         axis=-1,
     )
     clipped = box_ops.clip(moved, size, size)
-    keep = _keep_boxes(moved, clipped, config)
+    keep = _keep_boxes(clipped, box_ops.area(moved), config)
     return {
         "image": tf.ensure_shape(canvas, [size, size, 3]),
         "boxes": tf.boolean_mask(clipped, keep),
@@ -279,7 +303,7 @@ def random_resize(example, image_size, seed, config):
 
 
 class GroupAugment:
-    """Mosaic, MixUp (keras-cv) and colour jitter on a dense image group.
+    """keras-cv Mosaic and MixUp on a dense group of letterboxed images.
 
     Call with a group dict {"image": uint8 [G, S, S, 3], "boxes": float32
     [G, M, 4] yxyx pixels, "classes": int32 [G, M] (-1 = padding),
@@ -291,8 +315,7 @@ class GroupAugment:
     other images of the group (keras-cv draws the 3 from the whole group,
     itself included; we exclude itself). MixUp: with `mixup_prob` per image,
     lam * image + (1 - lam) * partner, lam ~ Beta(alpha, alpha), keeping
-    both box sets (keras-cv's rule). Colour: one HSV-style matrix per image,
-    applied after Mosaic/MixUp as YOLOv5 does.
+    both box sets (keras-cv's rule).
     """
 
     def __init__(self, image_size, config):
@@ -308,7 +331,7 @@ class GroupAugment:
         )
 
     def __call__(self, group, seed):
-        seeds = tf.random.experimental.stateless_split(seed, 5)
+        seeds = tf.random.experimental.stateless_split(seed, 4)
         size = self.image_size
         images = tf.ensure_shape(group["image"], [None, size, size, 3])
         count = tf.shape(images)[0]
@@ -326,23 +349,14 @@ class GroupAugment:
                 lambda: (images, boxes, classes),
             )
 
-        # MixUp boxes now; its pixels are blended together with the colour.
-        partner = self._partners(count, seeds[2], 1)[:, 0]
-        weight = tf.ones([count])
         if self.config.mixup_prob > 0.0:
+            partner = self._partners(count, seeds[2], 1)[:, 0]
             weight, boxes, classes = self._mixup_boxes(
                 boxes, classes, partner, seeds[3]
             )
-        if self.config.hsv_prob > 0.0:
-            u = tf.random.stateless_uniform([count, 4], seeds[4])
-            images = _blend_and_colour(
-                images, partner, weight, _colour_matrices(u, self.config)
-            )
-        elif self.config.mixup_prob > 0.0:
-            identity = tf.tile(tf.eye(3)[None], [count, 1, 1])
             images = tf.cond(
                 tf.reduce_any(weight < 1.0),
-                lambda: _blend_and_colour(images, partner, weight, identity),
+                lambda: _blend(images, partner, weight),
                 lambda: images,
             )
 
@@ -398,16 +412,7 @@ class GroupAugment:
             [count, -1],
         )
         out_boxes = tf.reshape(out["boxes"], [count, -1, 4])
-        height = out_boxes[..., 2] - out_boxes[..., 0]
-        width = out_boxes[..., 3] - out_boxes[..., 1]
-        keep = (
-            (height >= self.config.min_box_size)
-            & (width >= self.config.min_box_size)
-            & (
-                box_ops.area(out_boxes)
-                >= self.config.min_box_area_ratio * before
-            )
-        )
+        keep = _keep_boxes(out_boxes, before, self.config)
         out_classes = tf.where(keep, tf.reshape(out["classes"], [count, -1]), -1.0)
         return tf.cast(out_images, tf.uint8), out_boxes, out_classes
 

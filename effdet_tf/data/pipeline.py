@@ -4,11 +4,11 @@ Train, per dataset (every stage a parallel `map` unless noted):
 
   shards (interleaved) -> [cache] -> repeat -> shuffle (serialized records)
   -> decode (JPEG DCT-scaled when the image is >= 2x what is needed)
-  -> random_resize: letterbox + scale/translate/flip in one resample, HSV
-     colour matrix, uint8 S x S            (per image, augment.py)
+  -> random_resize: letterbox + scale/translate/flip in one resample,
+     uint8 S x S                           (per image, augment.py)
   -> padded group of G -> Mosaic, MixUp    (per group, augment.py, keras-cv)
   -> unbatch -> shuffle(4 G) -> anchor targets (model's label encoder)
-  -> batch B -> float32 -> prefetch
+  -> batch B -> HSV colour jitter fused with the float32 cast -> prefetch
 
 Everything after decode works on S x S images, so Mosaic/MixUp run on small
 dense tensors (no ragged images) and the letterbox resize is the only
@@ -225,12 +225,24 @@ def train_dataset(
         lambda ex, s: (
             ex["image"],
             encoder(ex["boxes"], ex["classes"], ex["is_crowd"]),
+            s,
         ),
         num_parallel_calls=AUTOTUNE,
         deterministic=deterministic,
     )
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda images, targets: (tf.cast(images, tf.float32), targets))
+    # Colour jitter + float32 cast of the whole batch in one pass, seeded
+    # by the batch's first element (folded: it also seeded that element).
+    ds = ds.map(
+        lambda images, targets, s: (
+            augment_lib.colour_jitter(
+                images, tf.random.experimental.stateless_fold_in(s[0], 2), config
+            ),
+            targets,
+        ),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=deterministic,
+    )
     return ds.prefetch(AUTOTUNE)
 
 
