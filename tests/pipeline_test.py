@@ -196,3 +196,23 @@ def test_any_label_encoder_callable_and_errors(tmp_path):
         pipeline.train_dataset(str(tmp_path / "missing*"), 2, S, count_boxes)
     with pytest.raises(ValueError, match="group_size"):
         pipeline.train_dataset(path, 2, S, count_boxes, group_size=1)
+
+
+def test_letterbox_and_target_encoder_same_eagerly_and_in_dataset_map():
+    image = np.random.default_rng(0).integers(0, 255, (50, 80, 3)).astype(np.uint8)
+    eager = pipeline.letterbox(image, S)
+    mapped = next(iter(tf.data.Dataset.from_tensors(image).map(
+        lambda i: pipeline.letterbox(i, S))))
+    for a, b in zip(eager, mapped):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    boxes = tf.constant([[4, 4, 30, 40], [20, 30, 60, 62], [0, 0, 0, 0]], tf.float32)
+    classes = tf.constant([1, 2, -1])
+    crowd = tf.constant([False, True, False])
+    for jit in (False, True):
+        encoder = pipeline._TargetEncoder(_encoder(), jit=jit)
+        eager = encoder(boxes, classes, crowd)
+        mapped = next(iter(tf.data.Dataset.from_tensors((boxes, classes, crowd)).map(
+            encoder)))
+        for key in eager:
+            np.testing.assert_array_equal(eager[key].numpy(), mapped[key].numpy())
