@@ -138,3 +138,78 @@ def test_tensor_anchors_and_config_round_trip():
     by_object = LabelEncoder(ANCHORS)(gt, labels)
     np.testing.assert_array_equal(by_tensor["cls_targets"],
                                   by_object["cls_targets"])
+
+
+def _reference(anchors, boxes, classes, crowd, match=0.5, unmatched=0.5, crowd_ioa=0.7):
+    """Straight numpy: argmax matching, forced best anchors, crowd ignore."""
+    num = len(anchors)
+    ious = box_ops.iou(anchors, boxes).numpy().reshape(num, -1)
+    ioas = box_ops.ioa(anchors, boxes).numpy().reshape(num, -1)
+    has_area = box_ops.area(boxes).numpy().reshape(-1) > 0
+    valid = has_area & ~crowd & (classes >= 0)
+    sim = np.where(valid[None], ious, -1.0)
+    sim = np.concatenate([sim, -np.ones([num, 1])], axis=1)
+    matched = sim.argmax(axis=1)
+    max_iou = sim.max(axis=1)
+    forced = np.full(num, -1)
+    for j in reversed(range(len(classes))):
+        if valid[j] and sim[:, j].max() > 0:
+            forced[sim[:, j].argmax()] = j
+    matched = np.where(forced >= 0, forced, matched)
+    positive = (forced >= 0) | (max_iou >= match)
+    cover = np.where((crowd & has_area)[None], ioas, 0.0).max(axis=1, initial=0.0)
+    negative = ~positive & (max_iou < unmatched) & (cover <= crowd_ioa)
+    padded = np.concatenate([classes, [-1]])
+    cls = np.where(positive, padded[matched], np.where(negative, -1, -2))
+    padded_boxes = np.concatenate([boxes.reshape(-1, 4), np.zeros([1, 4], np.float32)])
+    deltas = box_ops.encode(padded_boxes[matched], anchors).numpy()
+    return cls, np.where(positive[:, None], deltas, 0.0)
+
+
+def _random_cases(num, seed=0, size=128):
+    """Random images with ties (a box equal to an anchor, duplicates),
+    padding rows, crowd boxes and empty images."""
+    anchors = ANCHORS.numpy()
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(num):
+        m = int(rng.integers(0, 10))
+        y = rng.uniform(0, size * 0.8, (m, 2))
+        boxes = np.concatenate([y, y + rng.uniform(2, size / 2, (m, 2))], 1)
+        boxes = boxes.astype(np.float32)
+        if m and i % 3 == 0:
+            boxes[0] = anchors[rng.integers(len(anchors))]
+            boxes[-1] = boxes[0]
+        if m > 1 and i % 4 == 0:
+            boxes[1] = 0.0
+        classes = rng.integers(-1 if i % 5 == 0 else 0, 5, m).astype(np.int32)
+        cases.append((boxes, classes, rng.uniform(size=m) < 0.25))
+    return cases
+
+
+def test_matches_numpy_reference():
+    encoder = LabelEncoder(ANCHORS, 0.5, 0.4)
+    for boxes, classes, crowd in _random_cases(20):
+        cls, box = _encode(encoder, boxes, classes, crowd)
+        want_cls, want_box = _reference(ANCHORS.numpy(), boxes, classes, crowd, 0.5, 0.4)
+        np.testing.assert_array_equal(cls, want_cls)
+        np.testing.assert_allclose(box, want_box, atol=1e-5)
+
+
+def test_encode_batch_and_split_equal_per_image_call():
+    encoder = LabelEncoder(ANCHORS)
+    cases = _random_cases(8, seed=1)
+    width = max(len(c) for _, c, _ in cases)
+    pad = lambda x, value: np.concatenate(
+        [x, np.full((width - len(x),) + x.shape[1:], value, x.dtype)])
+    batch = encoder.encode_batch(
+        np.stack([pad(b, 0.0) for b, _, _ in cases]),
+        np.stack([pad(c, -1) for _, c, _ in cases]),
+        np.stack([pad(k, False) for _, _, k in cases]))
+    split = tf.function(encoder.encode_split, jit_compile=True)
+    for i, (boxes, classes, crowd) in enumerate(cases):
+        want = encoder(boxes, classes, crowd)
+        by_split = split(boxes[~crowd], classes[~crowd], boxes[crowd])
+        for got in ({k: v[i] for k, v in batch.items()}, by_split):
+            np.testing.assert_array_equal(got["cls_targets"], want["cls_targets"])
+            np.testing.assert_allclose(got["box_targets"], want["box_targets"], atol=1e-6)

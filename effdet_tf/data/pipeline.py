@@ -27,11 +27,19 @@ import tensorflow as tf
 
 from effdet_tf.data import augment as augment_lib
 from effdet_tf.data import decoder
+from effdet_tf.ops.label_encoder import LabelEncoder
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 # Images per group shared by Mosaic/MixUp (partners are drawn within it).
 DEFAULT_GROUP_SIZE = 8
+
+# cache="auto" keeps decoded images in memory when the shards total at most
+# this many bytes. JPEG stores COCO-like photos at roughly 1/10 of their
+# uint8 size, so 32 MiB of records is ~300 MiB of decoded images; decoding
+# is ~1/4 of the train pipeline's CPU cost on 640 px photos, and a small
+# dataset is read many times over.
+AUTO_CACHE_MAX_BYTES = 32 << 20
 
 
 def _files(file_pattern, shuffle, seed):
@@ -43,6 +51,12 @@ def _files(file_pattern, shuffle, seed):
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     return ds, len(files)
+
+
+def _total_bytes(file_pattern):
+    patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
+    files = {f for p in patterns for f in tf.io.gfile.glob(p)}
+    return sum(tf.io.gfile.stat(f).length for f in files)
 
 
 def _records(file_pattern, shuffle, seed):
@@ -83,10 +97,26 @@ def letterbox(image, image_size, original_size=None):
     return canvas, scale
 
 
-# Box counts the XLA-compiled label encoder is padded to: powers of 2 and
-# 1.5x powers of 2, so padding wastes < 50% and few programs are compiled.
-_BOX_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256,
-                384, 512, 768, 1024)
+# Box counts the XLA-compiled label encoder is padded to: 0, powers of 2
+# and 1.5x powers of 2, so padding wastes < 50% and few programs are
+# compiled. Crowd regions get their own list and bucket: 0 for almost every
+# image, which skips the crowd pass.
+_BOX_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192,
+                256, 384, 512, 768, 1024)
+
+
+def _pad_to_bucket(tensor, constant_values=0):
+    """Pads axis 0 of `tensor` to the next of `_BOX_BUCKETS` (or keeps it)."""
+    count = tf.shape(tensor)[0]
+    buckets = tf.constant(_BOX_BUCKETS, tf.int32)
+    index = tf.searchsorted(buckets, count[None], side="left")[0]
+    bucket = tf.where(
+        index < len(_BOX_BUCKETS),
+        tf.gather(buckets, tf.minimum(index, len(_BOX_BUCKETS) - 1)),
+        count,
+    )
+    paddings = [[0, bucket - count]] + [[0, 0]] * (len(tensor.shape) - 1)
+    return tf.pad(tensor, paddings, constant_values=constant_values)
 
 
 class _TargetEncoder:
@@ -97,14 +127,19 @@ class _TargetEncoder:
     fuses (2-3x less CPU). XLA compiles per shape, so the boxes are padded
     (class -1 rows, which the encoder drops) to the next of
     `_BOX_BUCKETS`: the cost grows with M, so the buckets are fine-grained.
+    A `LabelEncoder` gets the crowd boxes as a separate list
+    (`encode_split`), usually empty; any other callable gets
+    (boxes, classes, is_crowd).
     """
 
     def __init__(self, label_encoder, jit):
         self.label_encoder = label_encoder
         self.jit = jit
+        self.split = isinstance(label_encoder, LabelEncoder)
         if jit:
+            fn = label_encoder.encode_split if self.split else label_encoder
             self._call = tf.function(
-                lambda b, c, k: label_encoder(b, c, k), jit_compile=True
+                lambda b, c, k: fn(b, c, k), jit_compile=True
             )
 
     def __call__(self, boxes, classes, is_crowd):
@@ -114,19 +149,17 @@ class _TargetEncoder:
         is_crowd = tf.boolean_mask(is_crowd, keep)
         if not self.jit:
             return self.label_encoder(boxes, classes, is_crowd)
-        count = tf.shape(classes)[0]
-        buckets = tf.constant(_BOX_BUCKETS, tf.int32)
-        index = tf.searchsorted(buckets, count[None], side="left")[0]
-        bucket = tf.where(
-            index < len(_BOX_BUCKETS),
-            tf.gather(buckets, tf.minimum(index, len(_BOX_BUCKETS) - 1)),
-            count,
-        )
-        pad = bucket - count
+        if not self.split:
+            return self._call(
+                _pad_to_bucket(boxes),
+                _pad_to_bucket(classes, -1),
+                _pad_to_bucket(is_crowd),
+            )
+        objects = tf.logical_not(is_crowd)
         return self._call(
-            tf.pad(boxes, [[0, pad], [0, 0]]),
-            tf.pad(classes, [[0, pad]], constant_values=-1),
-            tf.pad(is_crowd, [[0, pad]]),
+            _pad_to_bucket(tf.boolean_mask(boxes, objects)),
+            _pad_to_bucket(tf.boolean_mask(classes, objects), -1),
+            _pad_to_bucket(tf.boolean_mask(boxes, is_crowd)),
         )
 
 
@@ -139,7 +172,7 @@ def train_dataset(
     *,
     group_size=DEFAULT_GROUP_SIZE,
     shuffle_buffer=1024,
-    cache=False,
+    cache="auto",
     seed=None,
     jit_label_encoder=True,
 ):
@@ -157,7 +190,8 @@ def train_dataset(
       group_size: images per Mosaic/MixUp group (>= 2).
       shuffle_buffer: records in the shuffle buffer.
       cache: keep decoded images in memory after the first pass (only for
-        datasets that fit: full-size uint8 images).
+        datasets that fit: uint8 images as decoded); "auto" = when the
+        shards total at most `AUTO_CACHE_MAX_BYTES`.
       seed: int for a reproducible pipeline, None for a random one.
       jit_label_encoder: XLA-compile the label encoder call.
 
@@ -177,6 +211,8 @@ def train_dataset(
     decode = lambda record: decoder.decode_example(record, min_size=min_size)
 
     ds = _records(file_pattern, shuffle=True, seed=seed)
+    if cache == "auto":
+        cache = _total_bytes(file_pattern) <= AUTO_CACHE_MAX_BYTES
     if cache:
         ds = ds.map(decode, num_parallel_calls=AUTOTUNE).cache()
     ds = ds.repeat().shuffle(shuffle_buffer, seed=seed)
