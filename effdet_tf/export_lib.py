@@ -447,14 +447,22 @@ def export_from_model_dir(
     """Loads the EMA weights of a training model dir and exports them."""
     from effdet_tf import checkpoint  # workflow-level import
 
-    config, _ = check_model_dir(model_dir, which)
+    config, weights = check_model_dir(model_dir, which)
     if not export_dir:
         raise ExportError("--export_dir is required.")
     version = int(version or 0)
     if version and os.path.exists(os.path.join(export_dir, str(version))):
         raise ExportError(f"{os.path.join(export_dir, str(version))} already exists; nothing was written.")
     label_maps = select_heads(config.label_maps(), datasets)
-    detector, _ = checkpoint.load_detector(model_dir, which=which)
+    _check_head_names(label_maps)
+    try:
+        detector, _ = checkpoint.load_detector(model_dir, which=which)
+    except (ValueError, OSError) as e:  # Keras: layout mismatch; h5py: not an HDF5 file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(
+            f"Cannot load {weights} into the detector that {model_dir}/config.json describes "
+            f"(corrupt, or written by another version of the model code): {first}"
+        ) from None
     detector = _float32_detector(detector)
     return export_detector(
         detector,

@@ -80,6 +80,14 @@ def _image(height, width, seed):
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def _build_detector(config):
+    """Same initial weights on every run (the calibration depends on them)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return checkpoint.build_detector(config)
+
+
 def _make_config():
     datasets = tuple(
         DatasetConfig(
@@ -96,15 +104,16 @@ def _make_config():
     return Config(model=model, data=DataConfig(datasets=datasets))
 
 
-def _spread_class_logits(detector, images, candidates=30, seed=0):
+def _spread_class_logits(detector, images, candidates=12, seed=0):
     """An untrained detector scores everything at the 0.01 prior, and its
     features all but vanish through the narrow untrained backbone. Calibrate
     every BatchNorm on `images` (moving statistics := batch statistics) so
     features are O(1) and image-dependent, give the class predictions a wide
-    spread, and shift their bias so that about `candidates` (anchor, class)
-    pairs per image clear SCORE_THRESHOLD: NMS then leaves some images with
-    fewer than MAX_DETECTIONS (padding is exercised), scores are distinct (no
-    near-ties to make comparisons fragile) and no image is left empty."""
+    spread, and shift their bias so that at least `candidates` (anchor,
+    class) pairs of every image clear SCORE_THRESHOLD (exactly that many for
+    the weakest image): NMS then leaves that image with fewer than
+    MAX_DETECTIONS (padding is exercised), no image is left empty, and scores
+    are distinct (no near-ties to make comparisons fragile)."""
     import keras
 
     rng = np.random.default_rng(seed)
@@ -127,9 +136,14 @@ def _spread_class_logits(detector, images, candidates=30, seed=0):
     threshold_logit = np.log(SCORE_THRESHOLD / (1 - SCORE_THRESHOLD))
     for name in detector.head_names:
         logits = outputs[name]["cls_logits"].numpy().reshape(len(batch), -1)
-        kth = np.sort(logits, axis=1)[:, -candidates]
+        ranked = np.sort(logits, axis=1)
+        weakest = np.argmin(ranked[:, -candidates])
+        # Threshold midway between that image's candidate k and k+1, never
+        # right at a logit: which side a score falls on must not depend on
+        # float rounding.
+        cut = 0.5 * (ranked[weakest, -candidates] + ranked[weakest, -candidates - 1])
         layer = detector.class_nets[name].predict
-        layer.bias.assign(np.full(layer.bias.shape, threshold_logit - np.median(kth), np.float32))
+        layer.bias.assign(np.full(layer.bias.shape, threshold_logit - cut, np.float32))
 
 
 def _letterbox_numpy(image):
@@ -228,7 +242,7 @@ def exported(tmp_path_factory):
         "small": np.stack([_image(96, 160, 1), _image(96, 160, 2)]),  # landscape, batch of 2
         "large": _image(200, 150, 3)[None],  # portrait, another size
     }
-    detector = checkpoint.build_detector(config)
+    detector = _build_detector(config)
     _spread_class_logits(detector, [*images["small"], *images["large"]])
     checkpoint.write_config(model_dir, config)
     # Only last.weights.h5, as after a --mode=train run: "best" falls back.
@@ -457,6 +471,10 @@ def test_model_dir_without_checkpoint_is_refused(exported, tmp_path):
         export_lib.export_from_model_dir(str(empty), str(out))
     with pytest.raises(export_lib.ExportError, match="not a directory"):
         export_lib.export_from_model_dir(str(tmp_path / "missing"), str(out))
+    # Weights that are not a checkpoint of this model.
+    (empty / checkpoint.BEST_WEIGHTS).write_bytes(b"not an HDF5 file")
+    with pytest.raises(export_lib.ExportError, match="Cannot load .*best.weights.h5"):
+        export_lib.export_from_model_dir(str(empty), str(out))
     assert not out.exists()
 
 

@@ -11,8 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from effdet_tf import export_lib, predict
-from effdet_tf import checkpoint
-from export_test import ENV, SCORE_THRESHOLD, _image, _make_config, _spread_class_logits
+from export_test import ENV, SCORE_THRESHOLD, _build_detector, _image, _make_config, _spread_class_logits
 
 FOOD_IDS = [78, 80, 81, 90]  # export_test.HEADS["food"]
 
@@ -22,7 +21,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     images = {"42.jpg": _image(96, 160, 1), "cat.png": _image(200, 150, 3), "7.jpeg": _image(64, 64, 5)}
     config = _make_config()
-    detector = checkpoint.build_detector(config)
+    detector = _build_detector(config)
     _spread_class_logits(detector, list(images.values()))
     label_maps = config.label_maps()
     saved_model = export_lib.export_detector(
