@@ -135,6 +135,27 @@ def test_mosaic_keeps_boxes_on_objects(seed):
     assert any(set(c[c >= 0]) - set(own[i]) for i, c in enumerate(classes))
 
 
+def test_mosaic_pixels_equal_keras_cv_augment_images():
+    """The XLA gather computes exactly keras-cv Mosaic's image (its
+    augment_images with resize_method="nearest")."""
+    import keras_cv
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.integers(0, 256, (6, S, S, 3)).astype(np.uint8))
+    layer = keras_cv.layers.Mosaic(bounding_box_format="yxyx", dtype="float32")
+    for trial in range(4):
+        transformations = {
+            "permutation_order": tf.constant(rng.integers(0, 6, (6, 4)), tf.int32),
+            "mosaic_centers": tf.constant(rng.uniform(0.25, 0.75, (6, 2)), tf.float32),
+        }
+        expected = layer.augment_images(
+            images, transformations=transformations, resize_method="nearest")
+        ours = augment._mosaic_pixels(
+            images, transformations["permutation_order"],
+            transformations["mosaic_centers"])
+        np.testing.assert_array_equal(ours.numpy(), expected.numpy().astype(np.uint8))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_mixup_blends_near_half_and_keeps_both_box_sets(seed):
     config = dataclasses.replace(NONE, mixup_prob=1.0)

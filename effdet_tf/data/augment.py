@@ -194,6 +194,49 @@ def _colour_to_float(images, matrices):
     return tf.clip_by_value(pixels, 0.0, 255.0)
 
 
+def _mosaic_sources(centers, size):
+    """[G, 2] (x, y) mosaic centres -> int32 [G, 2, S] source (y, x) of each
+    output row/column in keras-cv's 2S x 2S grid: its crop box (the same
+    float32 expressions) sampled as CropAndResize's "nearest" does,
+    roundf(lo * (2S - 1) + i * scale). The window spans S + 1 source pixels
+    (keras-cv's box is S / (2S - 1) wide): one row/column is skipped."""
+    span = float(2 * size - 1)
+    centers = tf.reverse(centers, [1]) * float(size)  # (y, x)
+    lo = (float(size) - centers) / span
+    hi = lo + float(size) / span
+    scale = (hi - lo) * span / float(size - 1)
+    steps = tf.range(size, dtype=tf.float32)
+    pos = lo[..., None] * span + steps * scale[..., None]
+    whole = tf.floor(pos)
+    # roundf (half away from zero; pos >= 0), not tf.round (half to even).
+    return tf.cast(whole, tf.int32) + tf.cast(pos - whole >= 0.5, tf.int32)
+
+
+@tf.function(jit_compile=True)
+def _mosaic_pixels(images, order, centers):
+    """keras-cv `Mosaic.augment_images(..., resize_method="nearest")` on a
+    uint8 group, as one gather: output pixel (y, x) of image g is pixel
+    (y', x') of tile 2 * (y' >= S) + (x' >= S) (keras-cv's layout: top
+    row tiles 0, 1; bottom 2, 3), i.e. of image order[g, tile].
+
+    Args:
+      images: uint8 [G, S, S, 3].
+      order: int32 [G, 4] keras-cv "permutation_order".
+      centers: float32 [G, 2] keras-cv "mosaic_centers" (x, y fractions).
+    """
+    size = images.shape[1]
+    source = _mosaic_sources(centers, size)
+    bottom = tf.cast(source[:, 0] >= size, tf.int32)  # [G, S] rows
+    right = tf.cast(source[:, 1] >= size, tf.int32)  # [G, S] columns
+    row = source[:, 0] - size * bottom
+    column = source[:, 1] - size * right
+    tile = tf.gather(
+        order, 2 * bottom[:, :, None] + right[:, None, :], batch_dims=1
+    )
+    index = (tile * size + row[:, :, None]) * size + column[:, None, :]
+    return tf.gather(tf.reshape(images, [-1, 3]), index)
+
+
 def colour_jitter(images, seed, config):
     """HSV-style colour jitter of a batch, and its cast to float32.
 
@@ -389,14 +432,15 @@ class GroupAugment:
                 [count, 2], seeds[1], minval=low, maxval=high
             ),
         }
-        # uint8 in: keras-cv gathers and tiles the 4 images before its
-        # crop_and_resize, 4x less memory traffic than float32. Its crop is
-        # an S x S window of the 2S x 2S grid resampled to S x S (a 1:1
-        # scale up to 1/S), so "nearest" is a pixel-exact shift (integer
-        # placement, as YOLOv5's mosaic) at half the cost of "bilinear",
-        # and its float32 output holds exact uint8 values.
-        out_images = self._mosaic.augment_images(
-            images, transformations=transformations, resize_method="nearest"
+        # keras-cv's augment_images gathers the 4 images, tiles a 2S x 2S
+        # grid and crop_and_resizes an S x S window of it (~3 ms/image on
+        # CPU; CropAndResize has no XLA kernel). `_mosaic_pixels` gives the
+        # identical pixels (tests compare it with keras-cv's "nearest"
+        # output) as one XLA gather straight from the uint8 group.
+        out_images = _mosaic_pixels(
+            images,
+            transformations["permutation_order"],
+            transformations["mosaic_centers"],
         )
         out = self._mosaic.augment_bounding_boxes(
             {"boxes": boxes, "classes": classes},
@@ -414,7 +458,7 @@ class GroupAugment:
         out_boxes = tf.reshape(out["boxes"], [count, -1, 4])
         keep = _keep_boxes(out_boxes, before, self.config)
         out_classes = tf.where(keep, tf.reshape(out["classes"], [count, -1]), -1.0)
-        return tf.cast(out_images, tf.uint8), out_boxes, out_classes
+        return out_images, out_boxes, out_classes
 
     def _mixup_boxes(self, boxes, classes, partner, seed):
         """-> (blend weight [G], 1 where not mixed; boxes; classes)."""
