@@ -166,14 +166,14 @@ def _reference(anchors, boxes, classes, crowd, match=0.5, unmatched=0.5, crowd_i
     return cls, np.where(positive[:, None], deltas, 0.0)
 
 
-def _random_cases(num, seed=0, size=128):
+def _random_cases(num, seed=0, size=128, max_boxes=10):
     """Random images with ties (a box equal to an anchor, duplicates),
     padding rows, crowd boxes and empty images."""
     anchors = ANCHORS.numpy()
     rng = np.random.default_rng(seed)
     cases = []
     for i in range(num):
-        m = int(rng.integers(0, 10))
+        m = int(rng.integers(0, max_boxes))
         y = rng.uniform(0, size * 0.8, (m, 2))
         boxes = np.concatenate([y, y + rng.uniform(2, size / 2, (m, 2))], 1)
         boxes = boxes.astype(np.float32)
@@ -213,3 +213,20 @@ def test_encode_batch_and_split_equal_per_image_call():
         for got in ({k: v[i] for k, v in batch.items()}, by_split):
             np.testing.assert_array_equal(got["cls_targets"], want["cls_targets"])
             np.testing.assert_allclose(got["box_targets"], want["box_targets"], atol=1e-6)
+
+
+def test_many_boxes_compiled_match_numpy_reference():
+    # From 16 boxes the IoU matrix is laid out anchor-major: same targets,
+    # eagerly and XLA-compiled (where FMA contraction could move an IoU
+    # of exactly 0.5 across the threshold).
+    encoder = LabelEncoder(ANCHORS, 0.5, 0.4)
+    split = tf.function(encoder.encode_split, jit_compile=True)
+    for boxes, classes, crowd in _random_cases(6, seed=2, max_boxes=60):
+        want_cls, want_box = _reference(
+            ANCHORS.numpy(), boxes, classes, crowd, 0.5, 0.4)
+        cls, box = _encode(encoder, boxes, classes, crowd)
+        np.testing.assert_array_equal(cls, want_cls)
+        np.testing.assert_allclose(box, want_box, atol=1e-5)
+        got = split(boxes[~crowd], classes[~crowd], boxes[crowd])
+        np.testing.assert_array_equal(got["cls_targets"], want_cls)
+        np.testing.assert_allclose(got["box_targets"], want_box, atol=1e-5)

@@ -15,15 +15,17 @@ people of the crowd. The 0.7 default is Detectron's
 `TRAIN.CROWD_FILTER_THRESH`, measured the same way (over the proposal area).
 
 Cost (the input pipeline runs this per image, XLA-compiled): the work is a
-few passes over an [M, N] IoU matrix (N = 49,104 anchors at 512). It is laid
-out box-major, so every pass runs along the anchors (the long, contiguous
-axis). Arg-max/arg-min are written as a max then the smallest index that
-reaches it (first index wins, as `tf.argmax`): XLA's CPU backend emits a
-variadic arg-reduce over 49k anchors ~2x slower than the two plain
-reductions. Crowd regions can be passed as their own list
-(`encode_split`), so that the common image without any costs no pass at
-all: inside XLA a `tf.cond` on "any crowd" is turned into a select that
-computes both sides.
+few passes over an [M, N] IoU matrix (N = 49,104 anchors at 512). With 16
+or more boxes it is laid out anchor-major ([N, M]: the per-anchor
+reductions over the boxes fuse with the IoU along the contiguous axis),
+with fewer box-major (measured faster there). Arg-max/arg-min are a max
+then the largest (count - index) reaching it, as a float max (first index
+wins, as `tf.argmax`): XLA's CPU backend lowers int min-reductions over
+these matrices to slow reduce-windows and a variadic arg-reduce is slower
+still. Forced matches are a scatter-min of M box indices, not a pass.
+Crowd regions can be passed as their own list (`encode_split`), so that
+the common image without any costs no pass at all: inside XLA a `tf.cond`
+on "any crowd" is turned into a select that computes both sides.
 """
 
 import tensorflow as tf
@@ -33,6 +35,8 @@ from effdet_tf.ops.anchors import Anchors
 
 BACKGROUND = -1
 IGNORE = -2
+# Box counts from which the IoU matrix is laid out anchor-major.
+_ANCHOR_MAJOR_MIN_BOXES = 16
 
 
 class LabelEncoder:
@@ -127,40 +131,56 @@ class LabelEncoder:
         num_gt = tf.shape(boxes)[1]
 
         valid = (box_ops.area(boxes) > 0.0) & (classes >= 0)
-        # [B, M, N]: rows of padding boxes can never win a maximum.
+        # Layout of the [M, N] IoU matrix: with many boxes anchor-major
+        # ([B, N, M]) is faster (the per-anchor reductions over the boxes
+        # run along the contiguous axis, fused with the IoU); with few the
+        # box-major one is (measured, XLA CPU).
+        anchor_major = (boxes.shape[1] is not None
+                        and boxes.shape[1] >= _ANCHOR_MAJOR_MIN_BOXES)
+        box_axis, anchor_axis = (2, 1) if anchor_major else (1, 2)
+        # Entries of padding boxes can never win a maximum.
         similarity = tf.where(
-            valid[..., None], box_ops.iou(boxes, anchors), -1.0
+            tf.expand_dims(valid, anchor_axis),
+            _pairwise_iou(anchors, boxes, anchor_major), -1.0,
         )
+        # "First index reaching the maximum" (= tf.argmax) is a float max
+        # of (count - index) over the entries equal to the maximum: XLA's
+        # CPU backend runs float max-reductions much faster than the int
+        # min-reductions (lowered to reduce-windows) or a variadic
+        # arg-reduce. Counts < 2^24, so the ranks are exact.
         # The -1 floor is the value of "no box" (also at M = 0).
-        max_iou = tf.maximum(tf.reduce_max(similarity, axis=1), -1.0)
-        gt_index = tf.range(num_gt)[None, :, None]
-        anchor_index = tf.range(num_anchors)[None, None, :]
-        # First box reaching the anchor's best IoU (= tf.argmax); num_gt
-        # (the dummy below) when there is no box (an empty min is int max).
-        matched_gt = tf.minimum(
-            tf.reduce_min(
-                tf.where(similarity == max_iou[:, None, :], gt_index, num_gt),
-                axis=1,
-            ),
-            num_gt,
+        max_iou = tf.maximum(tf.reduce_max(similarity, axis=box_axis), -1.0)
+        gt_rank = tf.cast(num_gt - tf.range(num_gt), tf.float32)
+        rank = tf.reduce_max(
+            tf.where(similarity == tf.expand_dims(max_iou, box_axis),
+                     tf.expand_dims(gt_rank[None], anchor_axis), 0.0),
+            axis=box_axis,
         )
+        # num_gt (the dummy below) when there is no box (M = 0: the empty
+        # max is -inf).
+        matched_gt = num_gt - tf.cast(tf.maximum(rank, 0.0), tf.int32)
 
         # Force-match every valid box onto its best anchor (the first one
         # on ties). When two boxes share a best anchor, the lower index
         # wins (deterministic, unlike a scatter with duplicate indices).
-        best_iou = tf.reduce_max(similarity, axis=2)  # [B, M]
-        best_anchor = tf.reduce_min(
-            tf.where(similarity == best_iou[..., None], anchor_index,
-                     num_anchors),
-            axis=2,
+        best_iou = tf.reduce_max(similarity, axis=anchor_axis)  # [B, M]
+        anchor_rank = tf.cast(num_anchors - tf.range(num_anchors), tf.float32)
+        rank = tf.reduce_max(
+            tf.where(similarity == tf.expand_dims(best_iou, anchor_axis),
+                     tf.expand_dims(anchor_rank[None], box_axis), 0.0),
+            axis=anchor_axis,
         )
+        best_anchor = num_anchors - tf.cast(tf.maximum(rank, 0.0), tf.int32)
         forcing = valid & (best_iou > 0.0)
-        forced_gt = tf.reduce_min(
-            tf.where(
-                (anchor_index == best_anchor[..., None]) & forcing[..., None],
-                gt_index, num_gt,
+        # Scatter-min of box indices onto their best anchors: M updates
+        # instead of an [M, N] pass; min keeps it order-independent.
+        batch_index = tf.broadcast_to(tf.range(batch)[:, None], [batch, num_gt])
+        forced_gt = tf.tensor_scatter_nd_min(
+            tf.fill([batch, num_anchors], num_gt),
+            tf.stack(
+                [batch_index, tf.minimum(best_anchor, num_anchors - 1)], -1
             ),
-            axis=1,
+            tf.where(forcing, tf.range(num_gt)[None, :], num_gt),
         )
         forced = forced_gt < num_gt
         matched_gt = tf.where(forced, forced_gt, matched_gt)
@@ -214,3 +234,30 @@ class LabelEncoder:
         if isinstance(config["anchors"], dict):
             config["anchors"] = Anchors(**config["anchors"])
         return cls(**config)
+
+
+def _pairwise_iou(anchors, boxes, anchor_major):
+    """IoU of anchors [N, 4] with boxes [B, M, 4] -> [B, N, M] if
+    `anchor_major` else [B, M, N], the same values as `box_ops.iou` (float
+    for float, also under XLA).
+
+    The box areas are a 2-element `reduce_prod`, not a multiply that XLA
+    would fuse into the union's sum: LLVM then contracts the pair into one
+    FMA (a single rounding), which moved an IoU of exactly 0.5 across the
+    threshold in the compiled program but not in the eager one.
+    """
+    anchor_axis, box_axis = (1, 2) if anchor_major else (2, 1)
+    box = [tf.expand_dims(c, anchor_axis) for c in tf.unstack(boxes, 4, -1)]
+    anchor = [tf.expand_dims(c[None], box_axis)
+              for c in tf.unstack(anchors, 4, axis=-1)]
+    height = tf.maximum(
+        tf.minimum(anchor[2], box[2]) - tf.maximum(anchor[0], box[0]), 0.0)
+    width = tf.maximum(
+        tf.minimum(anchor[3], box[3]) - tf.maximum(anchor[1], box[1]), 0.0)
+    inter = height * width
+    sides = tf.stack(
+        [boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]], -1)
+    box_area = tf.reduce_prod(tf.maximum(sides, 0.0), axis=-1)
+    union = (tf.expand_dims(box_ops.area(anchors)[None], box_axis)
+             + tf.expand_dims(box_area, anchor_axis) - inter)
+    return tf.math.divide_no_nan(inter, union)
