@@ -24,6 +24,23 @@ class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN/inf for too many consecutive steps."""
 
 
+class StepCounter(keras.callbacks.Callback):
+    """Training steps run so far, resumed runs included. First in the
+    callback list, so the others read the step of the batch that just ended.
+
+    Not optimizer.iterations: under mixed_float16 the LossScaleOptimizer
+    leaves it unchanged on the steps it skips (non-finite gradients), and a
+    run that skipped steps would resume at a step before the one it saved.
+    """
+
+    def __init__(self, initial_step=0):
+        super().__init__()
+        self.step = int(initial_step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+
+
 class NonFiniteLossWatcher(keras.callbacks.Callback):
     """Stops a run whose loss stays non-finite, naming the step and the head.
 
@@ -37,8 +54,9 @@ class NonFiniteLossWatcher(keras.callbacks.Callback):
     reset after being read, so the next step's value is that step's own.
     """
 
-    def __init__(self, head_names, patience=20):
+    def __init__(self, head_names, patience=20, counter=None):
         super().__init__()
+        self.counter = counter
         self.head_names = list(head_names)
         self.patience = patience
         self.consecutive = 0
@@ -55,7 +73,7 @@ class NonFiniteLossWatcher(keras.callbacks.Callback):
         if not bad:
             self.consecutive, self.first_step, self.heads = 0, None, []
             return
-        step = int(self.model.optimizer.iterations.numpy())
+        step = self.counter.step if self.counter else int(self.model.optimizer.iterations.numpy())
         trackers = self._trackers()
         for name in bad:
             if name in trackers:
@@ -82,35 +100,53 @@ class NonFiniteLossWatcher(keras.callbacks.Callback):
 
 class StepSummaries(keras.callbacks.Callback):
     """learning_rate, loss_scale and images_per_second to model_dir/train,
-    every `every` steps, at the optimizer's step."""
+    every `every` steps and at each fit epoch's end, at the training step.
+    Evaluation and checkpoint time between fit epochs is not counted."""
 
-    def __init__(self, log_dir, images_per_step, every=10, enabled=True):
+    def __init__(self, log_dir, images_per_step, every=10, enabled=True, counter=None):
         super().__init__()
+        self.counter = counter
         self.writer = tf.summary.create_file_writer(log_dir) if enabled else None
         self.images_per_step = images_per_step
         self.every = max(1, every)
+        self.rates = []  # images/s of each written interval
         self._t0 = None
-        self._steps = 0
+        self._timed = 0
 
     def on_train_begin(self, logs=None):
         self._t0 = None  # the first step of a fit call traces: not timed.
+        self._timed = 0
 
     def on_train_batch_end(self, batch, logs=None):
         if self._t0 is None:
             self._t0 = time.perf_counter()
             return
-        self._steps += 1
-        if self._steps % self.every or self.writer is None:
-            return
+        self._timed += 1
+        if self._timed >= self.every:
+            self._write()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._timed:
+            self._write()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._t0 is not None:
+            self._t0, self._timed = time.perf_counter(), 0
+
+    def _write(self):
         elapsed = time.perf_counter() - self._t0
-        step = int(self.model.optimizer.iterations.numpy())
-        optimizer = self.model.optimizer
-        with self.writer.as_default(step=step):
-            tf.summary.scalar("images_per_second", self.images_per_step * self.every / max(elapsed, 1e-9))
-            tf.summary.scalar("learning_rate", float(np.asarray(optimizer.learning_rate)))
-            if hasattr(optimizer, "dynamic_scale"):
-                tf.summary.scalar("loss_scale", float(np.asarray(optimizer.dynamic_scale)))
-        self.writer.flush()
+        rate = self.images_per_step * self._timed / max(elapsed, 1e-9)
+        self.rates.append(rate)
+        if self.writer is not None:
+            step = self.counter.step if self.counter else int(self.model.optimizer.iterations.numpy())
+            optimizer = self.model.optimizer
+            with self.writer.as_default(step=step):
+                tf.summary.scalar("images_per_second", rate)
+                tf.summary.scalar("learning_rate", float(np.asarray(optimizer.learning_rate)))
+                if hasattr(optimizer, "dynamic_scale"):
+                    tf.summary.scalar("loss_scale", float(np.asarray(optimizer.dynamic_scale)))
+            self.writer.flush()
+        self._timed = 0
         self._t0 = time.perf_counter()
 
 
@@ -184,11 +220,18 @@ class Evaluator:
         names = {c.index: c.name for c in dataset_config.classes}
         coco = self.eval_datasets[name][1].coco
         ids = [c.id for c in dataset_config.classes]
+        # Small inputs (the demo's 128 px) are enlarged so labels stay legible.
+        zoom = max(1, 384 // self.config.model.image_size)
         images = []
         for s in items:
             gt_boxes, gt_classes = evaluation.ground_truth_in_model_px(coco, s["image_id"], s["scale"], ids)
-            image = visualize.draw_detections(s["image"], gt_boxes, gt_classes, None, names, color=(255, 255, 255))
-            image = visualize.draw_detections(image, s["boxes"], s["classes"], s["scores"], names)
+            image = np.asarray(s["image"])
+            if zoom > 1:
+                import cv2
+
+                image = cv2.resize(image, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR)
+            image = visualize.draw_detections(image, gt_boxes * zoom, gt_classes, None, names, color=(255, 255, 255))
+            image = visualize.draw_detections(image, np.asarray(s["boxes"]) * zoom, s["classes"], s["scores"], names)
             images.append(image)
         return np.stack(images).astype(np.uint8)
 

@@ -306,12 +306,15 @@ class ResumableBackup(keras.callbacks.Callback):
     epoch start, not at the step saved.
     """
 
-    def __init__(self, model_dir, keep=2, is_chief=True, skip_if=None):
+    def __init__(self, model_dir, keep=2, is_chief=True, skip_if=None, step_fn=None):
         super().__init__()
         self.backup_dir = os.path.join(model_dir, BACKUP_DIR)
         self.keep = keep
         self.is_chief = is_chief
         self.skip_if = skip_if  # e.g. the loss went non-finite: keep the good state
+        # Steps run, from train_lib's StepCounter. optimizer.iterations is not
+        # it under mixed_float16: steps the loss scaler skips do not count.
+        self.step_fn = step_fn or (lambda: int(self.model.optimizer.iterations.numpy()))
 
     def on_epoch_end(self, epoch, logs=None):
         if self.skip_if is not None and self.skip_if():
@@ -321,7 +324,7 @@ class ResumableBackup(keras.callbacks.Callback):
     def save(self, fit_epoch):
         if not self.is_chief:
             return  # Variables are identical on every worker; one writer.
-        step = int(self.model.optimizer.iterations.numpy())
+        step = int(self.step_fn())
         final = os.path.join(self.backup_dir, f"ckpt-{step:010d}")
         if os.path.exists(final):
             return  # Same step already saved: same state.

@@ -268,7 +268,7 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
     model = build_model(config, strategy, steps_per_epoch)
 
     state = checkpoint.restore_training_state(model, model_dir)
-    step = int(model.optimizer.iterations.numpy())
+    step = int(state["step"]) if state else 0
     if state is None and t.backbone_weights:
         from effdet_tf.modeling.darknet_weights import load_darknet_weights
 
@@ -286,13 +286,14 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
 
     eval_sets = eval_data(config) if evaluate_during else {}
     evaluator = callbacks_lib.Evaluator(config, eval_sets, os.path.join(model_dir, "eval"), is_chief=chief)
-    watcher = callbacks_lib.NonFiniteLossWatcher(config.head_names, patience=t.max_nonfinite_steps)
+    counter = callbacks_lib.StepCounter(step)
+    watcher = callbacks_lib.NonFiniteLossWatcher(config.head_names, patience=t.max_nonfinite_steps, counter=counter)
     history = {"eval": []}
 
     def end_of_epoch(epoch, last):
         if watcher.failed:
             return
-        step_now = int(model.optimizer.iterations.numpy())
+        step_now = counter.step
         metrics = mean = None
         if eval_sets and (epoch % t.eval_every_epochs == 0 or last):
             with checkpoint.ema_weights(model):
@@ -303,14 +304,16 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
 
     log_dir = model_dir if chief else os.path.join(model_dir, f".worker-{os.getpid()}")
     cbs = [
+        counter,
         watcher,
         keras.callbacks.TensorBoard(log_dir=log_dir, update_freq=max(1, min(chunk, 50))),
         callbacks_lib.StepSummaries(os.path.join(model_dir, "train"), config.data.images_per_step,
-                                    every=max(1, min(chunk, 10)), enabled=chief),
+                                    every=max(1, min(chunk, 10)), enabled=chief, counter=counter),
         # Evaluation and best/last run before the backup so a kill during a
         # long evaluation resumes before it and evaluates again.
         callbacks_lib.EpochEnd(chunks_per_epoch, total_chunks, end_of_epoch),
-        checkpoint.ResumableBackup(model_dir, is_chief=chief, skip_if=lambda: watcher.failed),
+        checkpoint.ResumableBackup(model_dir, is_chief=chief, skip_if=lambda: watcher.failed,
+                                   step_fn=lambda: counter.step),
     ]
     dataset = train_data(config, model, start_step=step)
     fit = model.fit(dataset, epochs=total_chunks, initial_epoch=initial_chunk, steps_per_epoch=chunk,
@@ -319,7 +322,7 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
         shutil.rmtree(log_dir, ignore_errors=True)
     if watcher.failed:
         raise watcher.error
-    return {"step": int(model.optimizer.iterations.numpy()), "resumed": state is not None,
+    return {"step": counter.step, "resumed": state is not None,
             "history": fit.history, "eval": history["eval"], "model": model}
 
 
@@ -380,7 +383,7 @@ def write_pictures(config: Config, num_images=4):
     paths = []
     for name, (dataset, coco_evaluator) in eval_sets.items():
         _, samples = evaluation.evaluate(detector, dataset.take(1), coco_evaluator, name,
-                                         score_threshold=0.3, keep_images=num_images)
+                                         score_threshold=0.25, keep_images=num_images)
         picture = np.concatenate(list(evaluator.drawings(name, samples)), axis=1)
         path = os.path.join(config.train.model_dir, f"detections_{name}.png")
         cv2.imwrite(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))

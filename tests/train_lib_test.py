@@ -1,0 +1,158 @@
+"""train.py end to end in subprocesses, on a tiny copy of the demo config.
+
+One run carries several checks, because building and tracing the detector
+dominates the cost on a CPU: two replicas (MirroredStrategy over two logical
+CPU devices) in mixed_float16, killed with SIGKILL after its first
+checkpoint and restarted by the same command, which must resume at the saved
+step; its model dir then serves the TensorBoard, --mode=eval and
+incompatible-resume checks.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+# Two logical CPU devices must exist before TensorFlow initialises them.
+TWO_CPUS = """
+import sys, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.argv = ["train.py"] + sys.argv[1:]
+sys.path.insert(0, {repo!r})
+import train
+train.run()
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from effdet_tf.data import synthetic
+
+    root = tmp_path_factory.mktemp("demo_data")
+    return synthetic.make_demo_datasets(root, seed=1, num_train=16, num_val=8, image_size=96)
+
+
+def tiny_flags(data, model_dir, *extra):
+    return [
+        f"--dataset=appliance={data['appliance']}", f"--dataset=food={data['food']}",
+        f"--model_dir={model_dir}", "--image_size=128", "--width_multiplier=0.125",
+        "--batch_size=2", "--eval_batch_size=8", "--optimizer=adam", "--learning_rate=0.004",
+        "--ema_momentum=0.9", "--mosaic_prob=0", "--mixup_prob=0", "--tensorboard_images=2",
+        "--verbose=2", *extra,
+    ]
+
+
+def _run_two_cpus(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-c", TWO_CPUS.format(repo=str(REPO)), *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _backups(model_dir):
+    folder = Path(model_dir) / "backup"
+    return sorted(p.name for p in folder.glob("ckpt-*")) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def resumed_run(demo_data, tmp_path_factory):
+    """Mirrored x2 + mixed_float16 + synchronised BatchNorm; SIGKILL after the first backup; restart."""
+    model_dir = tmp_path_factory.mktemp("run") / "model"
+    args = tiny_flags(demo_data, model_dir, "--strategy=mirrored", "--precision=mixed_float16", "--sync_batchnorm",
+                      "--epochs=2", "--steps_per_epoch=2", "--checkpoint_every_steps=2", "--eval_every_epochs=2")
+    first = _run_two_cpus(args)
+    deadline = time.time() + 600
+    while not _backups(model_dir) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first_log = first.communicate()[0]
+    saved = _backups(model_dir)
+    assert saved, "no backup before the kill:\n" + first_log[-3000:]
+    saved_step = int(saved[-1].split("-")[1])
+    second = _run_two_cpus(args)
+    log = second.communicate(timeout=900)[0]
+    assert second.returncode == 0, log[-5000:]
+    return {"model_dir": model_dir, "saved_step": saved_step, "log": log, "first_log": first_log, "args": args}
+
+
+def test_killed_run_resumes_at_saved_step(resumed_run):
+    log = resumed_run["log"]
+    match = re.search(r"Resuming at step (\d+)", log)
+    assert match, log[-3000:]
+    assert int(match.group(1)) == resumed_run["saved_step"] < 4
+    assert "2 replica(s)" in log
+    # Finished the 4 steps: last backup at step 4, best/last EMA weights.
+    assert _backups(resumed_run["model_dir"])[-1] == "ckpt-0000000004"
+    for name in ("config.json", "last.weights.h5", "best.weights.h5", "best.json"):
+        assert (resumed_run["model_dir"] / name).exists(), name
+
+
+def test_mixed_float16_losses_are_finite(resumed_run):
+    losses = re.findall(r"(\w+_loss|loss): ([-+\w.]+)", resumed_run["log"])
+    assert {"appliance_cls_loss", "food_box_loss", "loss"} <= {k for k, _ in losses}
+    assert all(np.isfinite(float(v)) for _, v in losses), losses
+
+
+def test_config_json_is_the_resolved_config(resumed_run):
+    from effdet_tf import checkpoint
+
+    config = checkpoint.read_config(str(resumed_run["model_dir"]))
+    assert config.train.precision == "mixed_float16"
+    assert config.heads == {"appliance": 5, "food": 10}
+    assert [c.id for c in config.data.dataset("appliance").classes] == [78, 79, 80, 81, 82]
+    raw = json.loads((resumed_run["model_dir"] / "config.json").read_text())
+    assert raw["detector_kwargs"]["image_size"] == 128
+    assert raw["label_maps"]["food"]["classes"][0]["id"] == config.data.dataset("food").classes[0].id
+    # The converted data went to the model dir's cache, not the source.
+    assert str(resumed_run["model_dir"]) in config.data.datasets[0].tfrecord_dir
+
+
+def test_tensorboard_holds_the_tags(resumed_run):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    def tags(folder):
+        acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.TENSORS: 0})
+        acc.Reload()
+        return set(acc.Tags()["tensors"])
+
+    model_dir = resumed_run["model_dir"]
+    train = tags(model_dir / "train")
+    for head in ("appliance", "food"):
+        for part in ("cls_loss", "box_loss"):
+            assert f"epoch_{head}_{part}" in train, sorted(train)
+    assert {"epoch_loss", "learning_rate", "loss_scale", "images_per_second"} <= train, sorted(train)
+    evals = tags(model_dir / "eval")
+    for head in ("appliance", "food"):
+        for metric in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"):
+            assert f"{head}/{metric}" in evals, sorted(evals)
+        assert f"{head}/detections" in evals
+
+
+def test_eval_mode_gives_coco_metrics(resumed_run):
+    proc = subprocess.run([sys.executable, "train.py", *resumed_run["args"], "--mode=eval", "--strategy=one_device"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"appliance: AP [\d.]+ AP50 [\d.]+", proc.stderr), proc.stderr[-2000:]
+    assert re.search(r"food: AP [\d.]+ AP50 [\d.]+", proc.stderr)
+
+
+def test_incompatible_resume_is_refused(resumed_run, demo_data):
+    args = [a for a in resumed_run["args"] if not a.startswith("--image_size")] + ["--image_size=256"]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "--image_size=128 in the model dir, --image_size=256 now" in proc.stderr, proc.stderr[-2000:]
+    assert "--fresh_start" in proc.stderr
+    one_dataset = [a for a in resumed_run["args"] if not a.startswith("--dataset=food")]
+    proc = subprocess.run([sys.executable, "train.py", *one_dataset], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "datasets ['appliance', 'food'] in the model dir" in proc.stderr
