@@ -46,8 +46,32 @@ def make_strategy(name):
         if not os.environ.get("TF_CONFIG"):
             raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
                               "(cluster and task of this worker).")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        _patch_keras_multi_worker_logs()
+        return strategy
     raise ConfigError(f"--strategy={name}: unknown strategy.")
+
+
+def _patch_keras_multi_worker_logs():
+    """Keras 3.15's TF trainer reduces each step's logs across workers with
+    strategy.reduce("MEAN", v, axis=0), which fails on scalar logs (every
+    loss) under MultiWorkerMirroredStrategy: "Invalid reduction dimension 0
+    for input with 0 dimensions" (keras-team/keras#20585). Logs only are
+    affected (gradients are all-reduced by the optimizer), so they are taken
+    from the worker's first replica instead, as Keras does on TPUs."""
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "_effdet_patched", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction == "auto" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            reduction = "first"
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._effdet_patched = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
 
 
 def is_chief(strategy):
@@ -242,6 +266,14 @@ def build_model(config: Config, strategy, steps_per_epoch):
         optimizer = make_optimizer(config, detector, steps_per_epoch)
         detector.compile(optimizer=optimizer)
         optimizer.build(detector.trainable_variables)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Keras 3.15's TF trainer all-reduces the first batch to build the
+        # model symbolically before fit; with MultiWorkerMirroredStrategy
+        # and dict inputs that reduce fails ("Attempt to convert a value
+        # ({'appliance': PerReplica...}) to a Tensor"; keras-team/keras#20329,
+        # #20585). Model and optimizer are built above, so the symbolic
+        # build has nothing to do: skip it.
+        detector._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # noqa: SLF001
     return detector
 
 
@@ -249,12 +281,14 @@ def build_model(config: Config, strategy, steps_per_epoch):
 def prepare(config: Config):
     """Strategy, precision, data conversion and the model dir check.
     Returns (resolved config, strategy, is_chief)."""
-    strategy = make_strategy(config.train.strategy)
-    check_replicas(config, strategy.num_replicas_in_sync)
-    keras.mixed_precision.set_global_policy(config.train.precision)
+    # Data first: the converter forks worker processes, which must not
+    # inherit the threads a (multi-worker) strategy starts.
     if config.train.generate_demo_data:
         generate_demo_data(config.train.generate_demo_data, config.data.seed)
     config = resolve_datasets(config)
+    strategy = make_strategy(config.train.strategy)
+    check_replicas(config, strategy.num_replicas_in_sync)
+    keras.mixed_precision.set_global_policy(config.train.precision)
     chief = is_chief(strategy)
     checkpoint.prepare_model_dir(config, write=chief)
     return config, strategy, chief
@@ -322,7 +356,7 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
         shutil.rmtree(log_dir, ignore_errors=True)
     if watcher.failed:
         raise watcher.error
-    return {"step": counter.step, "resumed": state is not None,
+    return {"step": counter.step, "resumed": state is not None, "replicas": strategy.num_replicas_in_sync,
             "history": fit.history, "eval": history["eval"], "model": model}
 
 
