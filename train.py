@@ -43,7 +43,7 @@ def main(argv):
 
 def run():
     try:
-        app.run(main)
+        app.run(main, flags_parser=flags.parse_argv)
     except absl_flags.Error as e:  # pragma: no cover - absl reports bad flags itself
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -53,7 +53,7 @@ def main(argv):
             times.append(time.perf_counter())
 
     start = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[Timer()], verbose=0)
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, callbacks=[Timer()], verbose=0, shuffle=False)
     per_step = np.diff(times[absl_flags.FLAGS.warmup - 1:]) if absl_flags.FLAGS.warmup else np.diff([start] + times)
     images = config.data.images_per_step
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -123,7 +123,9 @@ class DataConfig:
     scale_min: float = _field(0.5, "Smallest random scale.")
     scale_max: float = _field(1.5, "Largest random scale.")
     shuffle_buffer: int = _field(1024, "Shuffle buffer (examples) per dataset.")
-    cache_images: bool = _field(False, "Keep decoded training images in memory (small datasets only).")
+    cache_images: str = _field(
+        "auto", "Keep decoded training images in memory: auto = when a dataset's "
+        "TFRecords total at most 32 MiB, yes, no.", choices=("auto", "yes", "no"))
     seed: int = _field(0, "Seed for data order, augmentation and initialisation.")
 
     @property

@@ -10,6 +10,11 @@ Three flags describe datasets and are parsed here:
   --dataset_batch_size=NAME=N    repeatable; overrides --batch_size.
   --loss_weight=NAME=W           repeatable; weight of that head's loss.
 
+They accumulate like any repeated absl flag, with one exception so that a
+flagfile's datasets can be swapped from the command line: a --dataset given
+on the command line itself replaces every dataset line (--dataset,
+--dataset_batch_size, --loss_weight) that came from a --flagfile.
+
 Errors are ConfigError whose message starts with the offending flag.
 """
 
@@ -158,10 +163,38 @@ def config_from_flags(flag_values=FLAGS) -> config_lib.Config:
 
 
 
+def _is_dataset_arg(arg):
+    return any(arg.startswith(f"--{name}=") for name in _DATASET_FLAGS)
+
+
+def expand_argv(argv):
+    """`argv` with its --flagfile arguments expanded in place, minus the
+    flagfiles' dataset lines when the command line has its own --dataset.
+    (--flagfile=F --dataset=other=/data trains on other data with F's
+    recipe instead of failing on a third dataset or a name given twice.)"""
+    argv = list(argv)
+    own_datasets = any(arg.startswith("--dataset=") for arg in argv[1:])
+    out = argv[:1]
+    for arg in argv[1:]:
+        if arg.startswith("--flagfile="):
+            lines = FLAGS.read_flags_from_files([argv[0], arg], force_gnu=False)[1:]
+            out += [line for line in lines if not (own_datasets and _is_dataset_arg(line))]
+        else:
+            out.append(arg)
+    return out
+
+
+def parse_argv(argv):
+    """absl-style parser (`app.run(main, flags_parser=parse_argv)`):
+    parses `argv` into FLAGS, returns the arguments that are not flags."""
+    define_flags()
+    return FLAGS(expand_argv(argv))
+
+
 def config_from_argv(argv) -> config_lib.Config:
     """Parses `argv` (argv[0] = program; flagfiles allowed) into a Config.
     Unknown flags raise absl's UnrecognizedFlagError naming the flag."""
     define_flags()
     FLAGS.unparse_flags()
-    FLAGS(list(argv))
+    parse_argv(argv)
     return config_from_flags()

@@ -174,7 +174,7 @@ def train_data(config: Config, detector, start_step=0):
             label_encoder=encoder,
             augment=augment_config,
             shuffle_buffer=d.shuffle_buffer,
-            cache=d.cache_images,
+            cache={"auto": "auto", "yes": True, "no": False}[d.cache_images],
             seed=(d.seed * 1_000_003 + 7919 * i + start_step) % (2**31 - 1),
         )
     dataset = pipeline.multi_dataset(per_dataset)

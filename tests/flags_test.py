@@ -46,6 +46,22 @@ def test_flagfile(data, tmp_path):
     assert config.train.epochs == 5 and config.head_names == ("apple",)
 
 
+def test_command_line_datasets_replace_the_flagfiles(data, tmp_path):
+    flagfile = tmp_path / "x.flags"
+    flagfile.write_text(f"--model_dir={tmp_path}/run\n--dataset=apple={data}/a\n--dataset=pear={data}/b\n"
+                        "--loss_weight=pear=0.5\n--dataset_batch_size=apple=2\n--epochs=3\n")
+    config = parse(f"--flagfile={flagfile}", f"--dataset=plum={data}/b", "--loss_weight=plum=2")
+    assert config.head_names == ("plum",)
+    assert config.data.dataset("plum").path == str(data / "b")
+    assert config.data.dataset("plum").loss_weight == 2.0
+    assert config.train.epochs == 3  # the rest of the flagfile still holds
+    # Without a command-line --dataset the flagfile's datasets stay, and a
+    # name given twice on the command line is still an error.
+    assert parse(f"--flagfile={flagfile}").head_names == ("apple", "pear")
+    with pytest.raises(ConfigError, match="named twice"):
+        parse(f"--flagfile={flagfile}", f"--dataset=plum={data}/a", f"--dataset=plum={data}/b")
+
+
 @pytest.mark.parametrize("args, flag", [
     (["--dataset=apple={a}", "--dataset=apple={b}"], "--dataset: dataset 'apple' is named twice"),
     (["--dataset=apple={a}/nope"], "--dataset=apple="),
