@@ -156,3 +156,46 @@ def test_incompatible_resume_is_refused(resumed_run, demo_data):
     proc = subprocess.run([sys.executable, "train.py", *one_dataset], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode != 0 and "datasets ['appliance', 'food'] in the model dir" in proc.stderr
+
+
+# One BatchNorm layer on two logical CPUs: replica 0 sees only zeros,
+# replica 1 only tens (momentum 0: the moving stats are this batch's).
+SYNC_BN = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from effdet_tf import train_lib
+from effdet_tf.modeling.layers import FusedBatchNormalization
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    inputs = keras.Input((4, 4, 1))
+    bn = FusedBatchNormalization(momentum=0.0)
+    model = keras.Model(inputs, bn(inputs))
+    if sys.argv[1] == "sync":
+        train_lib.set_sync_batchnorm(model)
+x = np.concatenate([np.zeros((2, 4, 4, 1)), np.full((2, 4, 4, 1), 10.0)]).astype("float32")
+dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(x).batch(4))
+step = tf.function(lambda batch: strategy.run(lambda b: model(b, training=True), args=(batch,)))
+for batch in dist:
+    out = step(batch)
+print(json.dumps({"mean": float(bn.moving_mean.numpy()[0]), "var": float(bn.moving_variance.numpy()[0]),
+                  "out": [float(tf.reduce_mean(v)) for v in strategy.experimental_local_results(out)]}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "local"])
+def test_sync_batchnorm_uses_the_global_batch(mode):
+    done = subprocess.run([sys.executable, "-c", SYNC_BN, mode], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    if mode == "sync":
+        # Statistics of the whole global batch: half zeros, half tens.
+        np.testing.assert_allclose([stats["mean"], stats["var"]], [5.0, 25.0], rtol=1e-5)
+        np.testing.assert_allclose(stats["out"], [-1.0, 1.0], atol=1e-3)
+    else:
+        # Each replica normalises its own constant half to zero.
+        np.testing.assert_allclose(stats["out"], [0.0, 0.0], atol=1e-6)
