@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from effdet_tf.data import augment
+from effdet_tf.data import colour
 from effdet_tf.data import pipeline
 
 PALETTE = np.array(
@@ -210,11 +211,11 @@ def test_crowd_flags_survive_mosaic_and_mixup():
 def test_colour_jitter_keeps_grey_and_casts_to_float32():
     config = augment.AugmentConfig()
     u = tf.random.stateless_uniform([64, 4], [1, 2])
-    m = augment._colour_matrices(u, config).numpy()
+    m = colour._colour_matrices(u, config).numpy()
     grey = m @ np.array([100.0, 100.0, 100.0])
     np.testing.assert_allclose(grey, grey[:, :1].repeat(3, 1), rtol=1e-5)
     assert 59 < grey.min() and grey.max() < 141  # value gain 1 +- 0.4
-    off = augment._colour_matrices(u, NONE).numpy()
+    off = colour._colour_matrices(u, NONE).numpy()
     np.testing.assert_allclose(off, np.broadcast_to(np.eye(3), off.shape), atol=1e-6)
 
     images = _group()["image"]
