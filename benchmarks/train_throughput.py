@@ -39,9 +39,7 @@ def main(argv):
     t = config.train
     model_dir = tempfile.mkdtemp(prefix="effdet_bench_") if "runs/" in t.model_dir else t.model_dir
     config = config.replace(train=dataclasses.replace(
-        t, model_dir=model_dir, mode="train", generate_demo_data=t.generate_demo_data and os.path.join(
-            tempfile.gettempdir(), "effdet_bench_demo_data"), export_after_training=False,
-        visualize_after_training=False))
+        t, model_dir=model_dir, mode="train", export_after_training=False, visualize_after_training=False))
     config, strategy, _ = train_lib.prepare(config)
     steps = absl_flags.FLAGS.warmup + absl_flags.FLAGS.steps
     model = train_lib.build_model(config, strategy, steps_per_epoch=steps)
