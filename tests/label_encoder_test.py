@@ -230,3 +230,162 @@ def test_many_boxes_compiled_match_numpy_reference():
         got = split(boxes[~crowd], classes[~crowd], boxes[crowd])
         np.testing.assert_array_equal(got["cls_targets"], want_cls)
         np.testing.assert_allclose(got["box_targets"], want_box, atol=1e-5)
+
+
+# --- Windowed matching (ops/anchor_windows.py) against the dense pass. ---
+
+from effdet_tf.ops.anchor_windows import AnchorWindows  # noqa: E402
+
+ANCHORS_512 = Anchors(512)
+
+
+def _varied_boxes(rng, num, size):
+    """Boxes of many sizes and aspects (up to 1:12), some thin, tiny, at or
+    over the image edges, bigger than the image, duplicated."""
+    centre = rng.uniform(-0.1 * size, 1.1 * size, (num, 2))
+    side = np.exp(rng.uniform(np.log(2.0), np.log(1.6 * size), num))
+    ratio = np.exp(rng.uniform(-np.log(12.0), np.log(12.0), num))
+    half = np.stack([side / np.sqrt(ratio), side * np.sqrt(ratio)], 1) / 2
+    boxes = np.concatenate([centre - half, centre + half], 1)
+    edge = rng.uniform(size=num) < 0.2
+    boxes[edge] = np.clip(boxes[edge], 0.0, size)
+    if num > 3:
+        boxes[1] = [0.0, 0.0, 2.0 * size, 1.5 * size]  # bigger than the image
+        boxes[2] = [size / 2, size / 2, size / 2 + 1.5, size / 2 + 2.0]  # tiny
+        boxes[3] = boxes[0]  # duplicate
+    return boxes.astype(np.float32)
+
+
+def _windowed(anchors, unmatched=0.5):
+    """An encoder forced onto the windowed path (also where the dense one
+    would be chosen) and its dense twin (tensor anchors)."""
+    windowed = LabelEncoder(anchors, 0.5, unmatched)
+    windowed._window_cache = AnchorWindows(anchors, unmatched)
+    return windowed, LabelEncoder(anchors.boxes, 0.5, unmatched)
+
+
+def test_window_bound_holds():
+    # Every anchor with IoU >= t with a box lies in that box's window.
+    rng = np.random.default_rng(3)
+    boxes = _varied_boxes(rng, 200, 512)
+    ious = box_ops.iou(ANCHORS_512.numpy(), boxes).numpy()  # [N, M]
+    for t in (0.5, 0.3):
+        windows = AnchorWindows(ANCHORS_512, t)
+        first = 0
+        for axis_y, axis_x, _ in windows.levels:
+            count = axis_y.size * axis_x.size * 9
+            level = ious[first:first + count].reshape(
+                axis_y.size, axis_x.size, 9, -1)
+            first += count
+            for axis, rows, lo, hi in ((axis_y, level.max(axis=(1, 2)), 0, 2),
+                                       (axis_x, level.max(axis=(0, 2)), 1, 3)):
+                start = axis.window(boxes[:, lo], boxes[:, hi]).numpy()
+                pos = np.arange(axis.size)[:, None]
+                inside = (pos >= start) & (pos < start + axis.width)
+                assert np.all(inside | (rows < t))
+
+
+def _assert_same(got, want, exact_boxes=True):
+    np.testing.assert_array_equal(got["cls_targets"], want["cls_targets"])
+    if exact_boxes:
+        np.testing.assert_array_equal(got["box_targets"], want["box_targets"])
+    else:
+        np.testing.assert_allclose(got["box_targets"], want["box_targets"],
+                                   atol=1e-5)
+
+
+def test_windowed_equals_dense_eagerly():
+    rng = np.random.default_rng(4)
+    for anchors, size in ((ANCHORS, 128), (ANCHORS_512, 512)):
+        for unmatched in (0.5, 0.4):
+            windowed, dense = _windowed(anchors, unmatched)
+            for num in (0, 1, 7, 64):
+                boxes = _varied_boxes(rng, num, size)
+                classes = rng.integers(0, 5, num).astype(np.int32)
+                classes[rng.uniform(size=num) < 0.1] = -1  # padding rows
+                crowd = np.zeros([0, 4], np.float32)
+                _assert_same(windowed.encode_split(boxes, classes, crowd),
+                             dense.encode_split(boxes, classes, crowd))
+
+
+def test_windowed_equals_dense_compiled():
+    rng = np.random.default_rng(5)
+    windowed, dense = _windowed(ANCHORS_512)
+    calls = [tf.function(e.encode_split, jit_compile=True)
+             for e in (windowed, dense)]
+    crowd = np.zeros([0, 4], np.float32)
+    for num in (0, 4, 48):
+        for _ in range(3):
+            boxes = _varied_boxes(rng, num, 512)
+            classes = rng.integers(0, 5, num).astype(np.int32)
+            got, want = (call(boxes, classes, crowd) for call in calls)
+            _assert_same(got, want, exact_boxes=False)
+            # And the compiled windowed targets equal the eager ones.
+            _assert_same(got, windowed.encode_split(boxes, classes, crowd),
+                         exact_boxes=False)
+
+
+def test_windowed_compiles_for_unknown_box_counts():
+    # As tf.data traces it: [None, 4] boxes, compiled per bucket (0 too).
+    encoder = LabelEncoder(ANCHORS_512)
+    call = tf.function(
+        encoder.encode_split, jit_compile=True,
+        input_signature=[tf.TensorSpec([None, 4], tf.float32),
+                         tf.TensorSpec([None], tf.int32),
+                         tf.TensorSpec([None, 4], tf.float32)])
+    crowd = np.zeros([0, 4], np.float32)
+    out = call(np.zeros([0, 4], np.float32), np.zeros([0], np.int32), crowd)
+    assert np.all(out["cls_targets"].numpy() == -1)
+    thin = np.array([[305.7, 4.1, 319.5, 257.9], [0, 0, 0, 0]], np.float32)
+    _assert_same(call(thin, [2, -1], crowd),
+                 LabelEncoder(ANCHORS_512.boxes).encode_split(
+                     thin, [2, -1], crowd), exact_boxes=False)
+
+
+def test_default_encoder_is_windowed_at_512_and_matches_reference():
+    encoder = LabelEncoder(ANCHORS_512)
+    assert isinstance(encoder._windows(), AnchorWindows)
+    assert LabelEncoder(ANCHORS)._windows() is None  # 128 px: dense
+    rng = np.random.default_rng(6)
+    boxes = _varied_boxes(rng, 12, 512)
+    classes = rng.integers(0, 5, 12).astype(np.int32)
+    crowd = rng.uniform(size=12) < 0.2
+    cls, box = _encode(encoder, boxes, classes, crowd)
+    want_cls, want_box = _reference(ANCHORS_512.numpy(), boxes, classes, crowd)
+    np.testing.assert_array_equal(cls, want_cls)
+    np.testing.assert_allclose(box, want_box, atol=1e-5)
+
+
+def test_plateau_tie_picks_the_dense_anchor():
+    # A thin box much longer than the window: along x, the level-4 anchors
+    # lying inside it all have the same IoU in real numbers; the dense
+    # arg-max picks the one whose float32 sides round best, far from the
+    # box centre. The windowed matcher flags the box and redoes its arg-max.
+    box = np.array([[305.7416076660156, 4.097352504730225,
+                     319.45391845703125, 257.8987121582031]], np.float32)
+    ious = box_ops.iou(ANCHORS_512.numpy(), box).numpy()[:, 0]
+    valid = tf.constant([[True]])
+    windows = AnchorWindows(ANCHORS_512, 0.5)
+    _, _, best_iou, best_anchor = windows.match(tf.constant(box[None]), valid)
+    assert best_anchor.numpy()[0, 0] == np.argmax(ious)
+    assert best_iou.numpy()[0, 0] == ious.max()
+    # Without the redo the window's own best would differ.
+    windows._exact_best = lambda boxes, area, redo, iou, anchor: (iou, anchor)
+    _, _, _, window_best = windows.match(tf.constant(box[None]), valid)
+    assert window_best.numpy()[0, 0] != np.argmax(ious)
+    windowed, dense = _windowed(ANCHORS_512)
+    crowd = np.zeros([0, 4], np.float32)
+    _assert_same(windowed.encode_split(box, [1], crowd),
+                 dense.encode_split(box, [1], crowd))
+
+
+def test_dense_fallbacks():
+    # Non-dyadic strides (300 px): edges not exactly recomputable.
+    try:
+        AnchorWindows(Anchors(300), 0.5)
+        raise AssertionError("expected ValueError")
+    except ValueError:
+        pass
+    assert LabelEncoder(Anchors(300))._windows() is None
+    # No lower IoU bound: every anchor can matter.
+    assert LabelEncoder(ANCHORS_512, 0.5, 0.0)._windows() is None

@@ -14,29 +14,51 @@ are ignored instead of being pushed to background: they may well cover
 people of the crowd. The 0.7 default is Detectron's
 `TRAIN.CROWD_FILTER_THRESH`, measured the same way (over the proposal area).
 
-Cost (the input pipeline runs this per image, XLA-compiled): the work is a
-few passes over an [M, N] IoU matrix (N = 49,104 anchors at 512). With 16
-or more boxes it is laid out anchor-major ([N, M]: the per-anchor
-reductions over the boxes fuse with the IoU along the contiguous axis),
-with fewer box-major (measured faster there). Arg-max/arg-min are a max
-then the largest (count - index) reaching it, as a float max (first index
-wins, as `tf.argmax`): XLA's CPU backend lowers int min-reductions over
-these matrices to slow reduce-windows and a variadic arg-reduce is slower
-still. Forced matches are a scatter-min of M box indices, not a pass.
-Crowd regions can be passed as their own list (`encode_split`), so that
-the common image without any costs no pass at all: inside XLA a `tf.cond`
-on "any crowd" is turned into a select that computes both sides.
+Cost (the input pipeline runs this per image, XLA-compiled). For an
+`Anchors` grid whose windows are at most 1/8 of it (defaults: from 384 px;
+dyadic strides), matching is windowed (`anchor_windows.AnchorWindows`):
+each box scores the anchors of a 9 x 9-location window per level, 2,907 of
+the 49,104 at 512 px, and gives the same targets as the dense pass (the
+proof and the plateau-tie redo are there; tests compare them, eagerly and
+compiled). Measured at 512 px, CPU-ms per image of the compiled
+`encode_split` (process time, best of 5 x 20 calls, boxes of random size
+and aspect <= 3, on a 2-core machine shared with other jobs, so +-30%):
+M = 1 / 4 / 16 / 64 boxes took 1.1 / 1.7 / 3-5 / 6.7 ms with the previous
+(dense) version and 0.7 / 1.0 / 1.1 / 1.8-2.0 ms windowed. Most of what
+is left does not grow with M: the targets of all N anchors (a gather of
+the matched box, deltas with two logs, the outputs) cost ~0.5 ms. The
+real samples of benchmarks/input_pipeline.py (Mosaic on) have 3.8 boxes
+per image on average (median 3, max 17 in 96 images).
+
+The dense pass (tensor anchors, small grids such as 128 px where windows
+are half of it, `unmatched_threshold` 0, the reference in tests) is a few
+passes over an [M, N] IoU matrix. With 16 or more boxes it is laid out
+anchor-major ([N, M]: the per-anchor reductions over the boxes fuse with
+the IoU along the contiguous axis), with fewer box-major (measured faster
+there). Arg-max/arg-min are a max then the largest (count - index)
+reaching it, as a float max (first index wins, as `tf.argmax`): XLA's CPU
+backend lowers int min-reductions over these matrices to slow
+reduce-windows and a variadic arg-reduce is slower still. Forced matches
+are a scatter-min of M box indices, not a pass. Crowd regions can be
+passed as their own list (`encode_split`), so that the common image
+without any costs no pass at all: inside XLA a `tf.cond` on "any crowd" is
+turned into a select that computes both sides.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from effdet_tf.ops import boxes as box_ops
+from effdet_tf.ops.anchor_windows import AnchorWindows
 from effdet_tf.ops.anchors import Anchors
 
 BACKGROUND = -1
 IGNORE = -2
 # Box counts from which the IoU matrix is laid out anchor-major.
 _ANCHOR_MAJOR_MIN_BOXES = 16
+# The windowed matcher is used when it scores at most 1/this of the anchors
+# per box (512 px: 2,907 of 49,104).
+_WINDOWED_MAX_SHARE = 8
 
 
 class LabelEncoder:
@@ -76,11 +98,57 @@ class LabelEncoder:
         self.match_threshold = float(match_threshold)
         self.unmatched_threshold = float(unmatched_threshold)
         self.crowd_ioa_threshold = float(crowd_ioa_threshold)
+        self._window_cache = None
 
     def _anchor_boxes(self):
         if isinstance(self.anchors, Anchors):
             return self.anchors.boxes
         return tf.cast(self.anchors, tf.float32)
+
+    def _windows(self):
+        """The windowed matcher (built once) when it applies, else None."""
+        if not isinstance(self.anchors, Anchors):
+            return None
+        if self._window_cache is None:
+            windows = False
+            if self.unmatched_threshold > 0.0:
+                try:
+                    windows = AnchorWindows(self.anchors,
+                                            self.unmatched_threshold)
+                except ValueError:  # anchor edges not exactly recomputable
+                    windows = False
+                # Small grids (128 px: 1,494 of 3,069 anchors per box) or
+                # low thresholds leave the windows most of the grid: the
+                # dense pass (no scatter) is then as cheap (measured).
+                if windows and (windows.entries_per_box * _WINDOWED_MAX_SHARE
+                                > self.anchors.num_anchors):
+                    windows = False
+            self._window_cache = windows
+        return self._window_cache or None
+
+    def _anchor_area(self, anchors):
+        if isinstance(self.anchors, Anchors):
+            # A constant, as eager `box_ops.area` computes it (see
+            # `_pairwise_iou` on FMA contraction in compiled programs).
+            boxes = self.anchors.numpy()
+            return tf.constant(
+                np.maximum(boxes[:, 2] - boxes[:, 0], 0.0)
+                * np.maximum(boxes[:, 3] - boxes[:, 1], 0.0))
+        return box_ops.area(anchors)
+
+    def _anchor_centre_size(self, anchors):
+        """Anchor centre y, x and height, width (floored as
+        `box_ops.encode` does), constants for an `Anchors` grid."""
+        if isinstance(self.anchors, Anchors):
+            a = self.anchors.numpy()
+            eps = np.float32(box_ops._EPSILON)
+            return ((a[:, 0] + a[:, 2]) * np.float32(0.5),
+                    (a[:, 1] + a[:, 3]) * np.float32(0.5),
+                    np.maximum(a[:, 2] - a[:, 0], eps),
+                    np.maximum(a[:, 3] - a[:, 1], eps))
+        cya, cxa, ha, wa = tf.unstack(box_ops.yxyx_to_cxcywh(anchors), 4, -1)
+        return (cya, cxa, tf.maximum(ha, box_ops._EPSILON),
+                tf.maximum(wa, box_ops._EPSILON))
 
     def __call__(self, boxes, classes, is_crowd=None):
         boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
@@ -126,51 +194,22 @@ class LabelEncoder:
     def _encode(self, boxes, classes, crowd_boxes):
         """boxes [B, M, 4], classes [B, M], crowd_boxes [B, K, 4]."""
         anchors = self._anchor_boxes()
-        num_anchors = tf.shape(anchors)[0]
+        num_anchors = anchors.shape[0] or tf.shape(anchors)[0]
         batch = tf.shape(boxes)[0]
         num_gt = tf.shape(boxes)[1]
 
         valid = (box_ops.area(boxes) > 0.0) & (classes >= 0)
-        # Layout of the [M, N] IoU matrix: with many boxes anchor-major
-        # ([B, N, M]) is faster (the per-anchor reductions over the boxes
-        # run along the contiguous axis, fused with the IoU); with few the
-        # box-major one is (measured, XLA CPU).
-        anchor_major = (boxes.shape[1] is not None
-                        and boxes.shape[1] >= _ANCHOR_MAJOR_MIN_BOXES)
-        box_axis, anchor_axis = (2, 1) if anchor_major else (1, 2)
-        # Entries of padding boxes can never win a maximum.
-        similarity = tf.where(
-            tf.expand_dims(valid, anchor_axis),
-            _pairwise_iou(anchors, boxes, anchor_major), -1.0,
-        )
-        # "First index reaching the maximum" (= tf.argmax) is a float max
-        # of (count - index) over the entries equal to the maximum: XLA's
-        # CPU backend runs float max-reductions much faster than the int
-        # min-reductions (lowered to reduce-windows) or a variadic
-        # arg-reduce. Counts < 2^24, so the ranks are exact.
-        # The -1 floor is the value of "no box" (also at M = 0).
-        max_iou = tf.maximum(tf.reduce_max(similarity, axis=box_axis), -1.0)
-        gt_rank = tf.cast(num_gt - tf.range(num_gt), tf.float32)
-        rank = tf.reduce_max(
-            tf.where(similarity == tf.expand_dims(max_iou, box_axis),
-                     tf.expand_dims(gt_rank[None], anchor_axis), 0.0),
-            axis=box_axis,
-        )
-        # num_gt (the dummy below) when there is no box (M = 0: the empty
-        # max is -inf).
-        matched_gt = num_gt - tf.cast(tf.maximum(rank, 0.0), tf.int32)
+        windows = self._windows()
+        if windows is not None:
+            max_iou, matched_gt, best_iou, best_anchor = windows.match(
+                boxes, valid)
+        else:
+            max_iou, matched_gt, best_iou, best_anchor = _match_dense(
+                anchors, self._anchor_area(anchors), boxes, valid)
 
         # Force-match every valid box onto its best anchor (the first one
         # on ties). When two boxes share a best anchor, the lower index
         # wins (deterministic, unlike a scatter with duplicate indices).
-        best_iou = tf.reduce_max(similarity, axis=anchor_axis)  # [B, M]
-        anchor_rank = tf.cast(num_anchors - tf.range(num_anchors), tf.float32)
-        rank = tf.reduce_max(
-            tf.where(similarity == tf.expand_dims(best_iou, anchor_axis),
-                     tf.expand_dims(anchor_rank[None], box_axis), 0.0),
-            axis=anchor_axis,
-        )
-        best_anchor = num_anchors - tf.cast(tf.maximum(rank, 0.0), tf.int32)
         forcing = valid & (best_iou > 0.0)
         # Scatter-min of box indices onto their best anchors: M updates
         # instead of an [M, N] pass; min keeps it order-independent.
@@ -196,19 +235,26 @@ class LabelEncoder:
             )
             negative &= tf.logical_not(crowd_cover > self.crowd_ioa_threshold)
 
-        # A dummy box (index M) for anchors matched to nothing.
-        padded_classes = tf.concat(
-            [classes, tf.fill([batch, 1], BACKGROUND)], axis=1
-        )
-        padded_boxes = tf.concat([boxes, tf.zeros([batch, 1, 4])], axis=1)
+        # A dummy box (index M) for anchors matched to nothing. One gather
+        # of (class, centre, size) rows per anchor instead of a gather of
+        # classes, one of corners and the corner -> centre maths per anchor:
+        # the per-anchor tail costs as much as the matching at a few boxes.
+        # Same float32 operations as `box_ops.encode`, so the same deltas.
+        centre_size = tf.unstack(box_ops.yxyx_to_cxcywh(boxes), 4, axis=-1)
+        rows = tf.stack(
+            [tf.cast(classes, tf.float32)] + centre_size[:2]
+            + [tf.maximum(v, box_ops._EPSILON) for v in centre_size[2:]], -1)
+        rows = tf.concat([rows, tf.zeros([batch, 1, 5])
+                          + [float(BACKGROUND), 0.0, 0.0, 1.0, 1.0]], axis=1)
+        cls, cy, cx, h, w = tf.unstack(
+            tf.gather(rows, matched_gt, batch_dims=1), 5, axis=-1)
+        cya, cxa, ha, wa = self._anchor_centre_size(anchors)
         cls_targets = tf.where(
-            positive,
-            tf.gather(padded_classes, matched_gt, batch_dims=1),
+            positive, tf.cast(cls, tf.int32),
             tf.where(negative, BACKGROUND, IGNORE),
         )
-        deltas = box_ops.encode(
-            tf.gather(padded_boxes, matched_gt, batch_dims=1), anchors
-        )
+        deltas = tf.stack([(cy - cya) / ha, (cx - cxa) / wa,
+                           tf.math.log(h / ha), tf.math.log(w / wa)], -1)
         box_targets = tf.where(positive[..., None], deltas, 0.0)
         return {
             "cls_targets": tf.cast(cls_targets, tf.int32),
@@ -236,7 +282,50 @@ class LabelEncoder:
         return cls(**config)
 
 
-def _pairwise_iou(anchors, boxes, anchor_major):
+def _match_dense(anchors, anchor_area, boxes, valid):
+    """The [M, N] IoU matching: see `AnchorWindows.match` for the outputs
+    (here `max_iou` is exact for every anchor, -1 without a valid box)."""
+    num_anchors = tf.shape(anchors)[0]
+    num_gt = tf.shape(boxes)[1]
+    # Layout of the [M, N] IoU matrix: with many boxes anchor-major
+    # ([B, N, M]) is faster (the per-anchor reductions over the boxes
+    # run along the contiguous axis, fused with the IoU); with few the
+    # box-major one is (measured, XLA CPU).
+    anchor_major = (boxes.shape[1] is not None
+                    and boxes.shape[1] >= _ANCHOR_MAJOR_MIN_BOXES)
+    box_axis, anchor_axis = (2, 1) if anchor_major else (1, 2)
+    # Entries of padding boxes can never win a maximum.
+    similarity = tf.where(
+        tf.expand_dims(valid, anchor_axis),
+        _pairwise_iou(anchors, anchor_area, boxes, anchor_major), -1.0,
+    )
+    # "First index reaching the maximum" (= tf.argmax) is a float max
+    # of (count - index) over the entries equal to the maximum: XLA's
+    # CPU backend runs float max-reductions much faster than the int
+    # min-reductions (lowered to reduce-windows) or a variadic
+    # arg-reduce. Counts < 2^24, so the ranks are exact.
+    # The -1 floor is the value of "no box" (also at M = 0).
+    max_iou = tf.maximum(tf.reduce_max(similarity, axis=box_axis), -1.0)
+    gt_rank = tf.cast(num_gt - tf.range(num_gt), tf.float32)
+    rank = tf.reduce_max(
+        tf.where(similarity == tf.expand_dims(max_iou, box_axis),
+                 tf.expand_dims(gt_rank[None], anchor_axis), 0.0),
+        axis=box_axis,
+    )
+    # num_gt (the dummy) when there is no box (M = 0: the empty max is -inf).
+    matched_gt = num_gt - tf.cast(tf.maximum(rank, 0.0), tf.int32)
+    best_iou = tf.reduce_max(similarity, axis=anchor_axis)  # [B, M]
+    anchor_rank = tf.cast(num_anchors - tf.range(num_anchors), tf.float32)
+    rank = tf.reduce_max(
+        tf.where(similarity == tf.expand_dims(best_iou, anchor_axis),
+                 tf.expand_dims(anchor_rank[None], box_axis), 0.0),
+        axis=anchor_axis,
+    )
+    best_anchor = num_anchors - tf.cast(tf.maximum(rank, 0.0), tf.int32)
+    return max_iou, matched_gt, best_iou, best_anchor
+
+
+def _pairwise_iou(anchors, anchor_area, boxes, anchor_major):
     """IoU of anchors [N, 4] with boxes [B, M, 4] -> [B, N, M] if
     `anchor_major` else [B, M, N], the same values as `box_ops.iou` (float
     for float, also under XLA).
@@ -258,6 +347,6 @@ def _pairwise_iou(anchors, boxes, anchor_major):
     sides = tf.stack(
         [boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]], -1)
     box_area = tf.reduce_prod(tf.maximum(sides, 0.0), axis=-1)
-    union = (tf.expand_dims(box_ops.area(anchors)[None], box_axis)
+    union = (tf.expand_dims(anchor_area[None], box_axis)
              + tf.expand_dims(box_area, anchor_axis) - inter)
     return tf.math.divide_no_nan(inter, union)
