@@ -351,7 +351,7 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
     ]
     dataset = train_data(config, model, start_step=step)
     fit = model.fit(dataset, epochs=total_chunks, initial_epoch=initial_chunk, steps_per_epoch=chunk,
-                    callbacks=cbs, verbose=t.verbose)
+                    callbacks=cbs, verbose=t.verbose, shuffle=False)
     if not chief:
         shutil.rmtree(log_dir, ignore_errors=True)
     if watcher.failed:
