@@ -116,11 +116,11 @@ class LabelEncoder:
 
     def _windows(self):
         """The windowed matcher (built once) when it applies, else None."""
-        if not isinstance(self.anchors, Anchors) or not WINDOWED:
+        if not isinstance(self.anchors, Anchors):
             return None
         if self._window_cache is None:
             windows = False
-            if self.unmatched_threshold > 0.0:
+            if WINDOWED and self.unmatched_threshold > 0.0:
                 try:
                     windows = AnchorWindows(self.anchors,
                                             self.unmatched_threshold)
