@@ -189,6 +189,26 @@ def _mosaic_pixels(images, order, centers):
     return tf.gather(tf.reshape(images, [-1, 3]), index)
 
 
+def _resize_bilinear(image, new_h, new_w):
+    """tf.image.resize (bilinear) of a uint8 image -> float32 [new_h, new_w].
+
+    TF's CPU ResizeBilinear reads uint8 pixels ~2x slower per output pixel
+    than float32 ones (measured: 1.0 vs 0.5 ms for 640x480 -> 512x384),
+    while casting the input costs ~0.15 ms per 640x480: the cast comes
+    first unless the output is much smaller than the input (strong zoom
+    out). The kernel converts uint8 to float itself, so both paths give
+    the same pixels.
+    """
+    shape = tf.shape(image)
+    size = tf.stack([new_h, new_w])
+    cast_first = new_h * new_w * 4 > shape[0] * shape[1]
+    return tf.cond(
+        cast_first,
+        lambda: tf.image.resize(tf.cast(image, tf.float32), size),
+        lambda: tf.image.resize(image, size),
+    )
+
+
 def random_resize(example, image_size, seed, config):
     """Per-image random scale, translation and flip, fused with the letterbox.
 
@@ -235,7 +255,7 @@ def random_resize(example, image_size, seed, config):
 
     # tf.image.resize is ~2x faster than crop_and_resize on CPU; the crop,
     # mirror and pad after it are uint8 copies of the visible part only.
-    resized = tf.image.resize(image, tf.stack([new_h, new_w]))
+    resized = _resize_bilinear(image, new_h, new_w)
     top, left = tf.maximum(-offset_y, 0), tf.maximum(-offset_x, 0)
     paste_y, paste_x = tf.maximum(offset_y, 0), tf.maximum(offset_x, 0)
     visible_h = tf.minimum(new_h - top, size - paste_y)
