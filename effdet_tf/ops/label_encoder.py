@@ -14,29 +14,15 @@ are ignored instead of being pushed to background: they may well cover
 people of the crowd. The 0.7 default is Detectron's
 `TRAIN.CROWD_FILTER_THRESH`, measured the same way (over the proposal area).
 
-Cost (the input pipeline runs this per image, XLA-compiled). With
-`WINDOWED` on (off for now: see there), for an
-`Anchors` grid whose windows are at most 1/8 of it (defaults: from 384 px;
-dyadic strides), matching is windowed (`anchor_windows.AnchorWindows`):
-each box scores the anchors of a 9 x 9-location window per level, 2,907 of
-the 49,104 at 512 px, and gives the same targets as the dense pass (the
-proof and the plateau-tie redo are there; tests compare them, eagerly and
-compiled). Measured at 512 px, CPU-ms per image of the compiled
-`encode_split` (process time, best of 5 x 20 calls, boxes of random size
-and aspect <= 3, on a 2-core machine shared with other jobs, so +-30%):
-M = 1 / 4 / 16 / 64 boxes took 1.1 / 1.7 / 3-5 / 6.7 ms with the previous
-(dense) version and 0.7 / 1.0 / 1.1 / 1.8-2.0 ms windowed. Most of what
-is left does not grow with M: the targets of all N anchors (a gather of
-the matched box, deltas with two logs, the outputs) cost ~0.5 ms. The
-real samples of benchmarks/input_pipeline.py (Mosaic on) have 3.8 boxes
-per image on average (median 3, max 17 in 96 images). The price is
-paid at compile time: a windowed program (one per box-count bucket) takes
-~2.4 s CPU to compile (dense: ~0.45 s) and keeps ~68 MB (dense: ~20 MB),
-so ~0.7 GB more for the 10 smallest buckets of each train pipeline.
+Cost (the input pipeline runs this per image, XLA-compiled): measured at
+512 px (49,104 anchors), CPU-ms per call of the compiled `encode_split`,
+best of 5 x 50 calls: M = 0 / 4 / 8 / 16 / 48 boxes take 0.3 / 1.6 / 1.7 /
+2.0 / 4.9 ms. Of the ~1.5 ms at 4 boxes the matching is ~0.6 and the
+per-anchor tail (forced matches, a gather of the matched box, deltas,
+outputs) ~0.9. The real samples of benchmarks/input_pipeline.py (Mosaic on)
+have 3.8 boxes per image on average (median 3, max 17 in 96 images).
 
-The dense pass (tensor anchors, small grids such as 128 px where windows
-are half of it, `unmatched_threshold` 0, the reference in tests) is a few
-passes over an [M, N] IoU matrix. With 16 or more boxes it is laid out
+The matching is a few passes over an [M, N] IoU matrix. With 16 or more boxes it is laid out
 anchor-major ([N, M]: the per-anchor reductions over the boxes fuse with
 the IoU along the contiguous axis), with fewer box-major (measured faster
 there). Arg-max/arg-min are a max then the largest (count - index)
@@ -53,21 +39,12 @@ import numpy as np
 import tensorflow as tf
 
 from effdet_tf.ops import boxes as box_ops
-from effdet_tf.ops.anchor_windows import AnchorWindows
 from effdet_tf.ops.anchors import Anchors
 
 BACKGROUND = -1
 IGNORE = -2
 # Box counts from which the IoU matrix is laid out anchor-major.
 _ANCHOR_MAJOR_MIN_BOXES = 16
-# Off by default: the windowed programs have many more XLA kernels, and the
-# input pipeline benchmark (4 pipelines, ~20 box-count buckets each) died
-# with "LLVM compilation error: Cannot allocate memory" and a segfault at
-# 6 GB RSS (likely the JIT's per-kernel mappings). Enable once fixed.
-WINDOWED = False
-# The windowed matcher is used when it scores at most 1/this of the anchors
-# per box (512 px: 2,907 of 49,104).
-_WINDOWED_MAX_SHARE = 8
 
 
 class LabelEncoder:
@@ -107,33 +84,11 @@ class LabelEncoder:
         self.match_threshold = float(match_threshold)
         self.unmatched_threshold = float(unmatched_threshold)
         self.crowd_ioa_threshold = float(crowd_ioa_threshold)
-        self._window_cache = None
 
     def _anchor_boxes(self):
         if isinstance(self.anchors, Anchors):
             return self.anchors.boxes
         return tf.cast(self.anchors, tf.float32)
-
-    def _windows(self):
-        """The windowed matcher (built once) when it applies, else None."""
-        if not isinstance(self.anchors, Anchors):
-            return None
-        if self._window_cache is None:
-            windows = False
-            if WINDOWED and self.unmatched_threshold > 0.0:
-                try:
-                    windows = AnchorWindows(self.anchors,
-                                            self.unmatched_threshold)
-                except ValueError:  # anchor edges not exactly recomputable
-                    windows = False
-                # Small grids (128 px: 1,494 of 3,069 anchors per box) or
-                # low thresholds leave the windows most of the grid: the
-                # dense pass (no scatter) is then as cheap (measured).
-                if windows and (windows.entries_per_box * _WINDOWED_MAX_SHARE
-                                > self.anchors.num_anchors):
-                    windows = False
-            self._window_cache = windows
-        return self._window_cache or None
 
     def _anchor_area(self, anchors):
         if isinstance(self.anchors, Anchors):
@@ -208,13 +163,8 @@ class LabelEncoder:
         num_gt = tf.shape(boxes)[1]
 
         valid = (box_ops.area(boxes) > 0.0) & (classes >= 0)
-        windows = self._windows()
-        if windows is not None:
-            max_iou, matched_gt, best_iou, best_anchor = windows.match(
-                boxes, valid)
-        else:
-            max_iou, matched_gt, best_iou, best_anchor = _match_dense(
-                anchors, self._anchor_area(anchors), boxes, valid)
+        max_iou, matched_gt, best_iou, best_anchor = _match_dense(
+            anchors, self._anchor_area(anchors), boxes, valid)
 
         # Force-match every valid box onto its best anchor (the first one
         # on ties). When two boxes share a best anchor, the lower index
@@ -292,8 +242,14 @@ class LabelEncoder:
 
 
 def _match_dense(anchors, anchor_area, boxes, valid):
-    """The [M, N] IoU matching: see `AnchorWindows.match` for the outputs
-    (here `max_iou` is exact for every anchor, -1 without a valid box)."""
+    """The [M, N] IoU matching of anchors [N, 4] with boxes [B, M, 4]
+    (valid [B, M]) ->
+
+    max_iou [B, N]: each anchor's best IoU (-1 without a valid box);
+    matched [B, N] int32: the first box reaching it (M: none);
+    best_iou [B, M], best_anchor [B, M]: each box's best IoU over all
+      anchors and the first anchor reaching it (-1 / any for invalid boxes).
+    """
     num_anchors = tf.shape(anchors)[0]
     num_gt = tf.shape(boxes)[1]
     # Layout of the [M, N] IoU matrix: with many boxes anchor-major
