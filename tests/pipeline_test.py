@@ -160,6 +160,17 @@ def test_multi_dataset_structure_and_batch_sizes(tmp_path):
     assert steps == 7
 
 
+def test_box_counts_pad_to_the_next_bucket():
+    # 0, 1..4 exact, then 1.5x / 2x steps; beyond the largest bucket the
+    # count is kept (compiled as its own shape).
+    for count, want in ((0, 0), (4, 4), (5, 6), (7, 8), (13, 16), (200, 256),
+                        (1024, 1024), (1500, 1500)):
+        padded = pipeline._pad_to_bucket(tf.ones([count, 4]), -1.0)
+        assert padded.shape == (want, 4), (count, padded.shape)
+        np.testing.assert_array_equal(padded[:count].numpy(), 1.0)
+        np.testing.assert_array_equal(padded[count:].numpy(), -1.0)
+
+
 def test_jit_label_encoder_matches_plain_call():
     encoder = _encoder()
     plain = pipeline._TargetEncoder(encoder, jit=False)
