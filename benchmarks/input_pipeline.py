@@ -125,12 +125,29 @@ def full_dataset(pattern, size, batch, seed, cache="auto", jit=True):
     )
 
 
+def _quiesce(limit_s=5.0, step_s=0.1):
+    """Waits until the process uses < 10% of a core (or `limit_s`).
+
+    A deleted iterator's threads finish their in-flight map calls (a naive
+    Mosaic call on a batch takes ~0.1 s) after `del`; without this wait
+    that work would land in the next pipeline's timed window, because the
+    CPU time measured is the whole process's.
+    """
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        cpu = time.process_time()
+        time.sleep(step_s)
+        if time.process_time() - cpu < 0.1 * step_s:
+            return
+
+
 def _time(ds, warmup, batches, batch):
     """-> (images/s, CPU ms per image) over `batches` after `warmup`.
 
     CPU time is the process's (all threads): on a machine shared with other
     jobs it measures the pipeline's cost even when its wall time is noise.
     """
+    _quiesce()
     iterator = iter(ds)
     for _ in range(warmup):
         next(iterator)

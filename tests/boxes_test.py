@@ -48,6 +48,16 @@ def test_encode_known_values():
                                np.zeros((1, 4)), atol=1e-7)
 
 
+def test_degenerate_boxes_encode_to_finite_deltas():
+    # A zero-height, zero-width box (padding) still gives finite targets:
+    # centre_size floors the sides before encode divides and takes logs.
+    flat = tf.constant([[5.0, 5.0, 5.0, 5.0]])
+    cy, cx, h, w = box_ops.centre_size(flat)
+    assert cy.numpy()[0] == 5.0 and h.numpy()[0] > 0.0 and w.numpy()[0] > 0.0
+    deltas = box_ops.encode(flat, tf.constant([[0.0, 0.0, 10.0, 10.0]]))
+    assert np.all(np.isfinite(deltas.numpy()))
+
+
 def test_encode_decode_round_trip():
     rng = np.random.default_rng(0)
     boxes = _random_boxes(rng, 200)

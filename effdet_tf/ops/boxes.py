@@ -140,6 +140,28 @@ def clip(boxes, height, width):
 # EfficientDet reference uses `FasterRcnnBoxCoder()` with its defaults).
 
 
+def centre_size(boxes):
+    """yxyx [..., 4] -> (cy, cx, h, w), each [...]: the box terms of
+    `encode`, with the sides floored at a tiny epsilon so that its logs and
+    divisions stay finite for degenerate boxes (they should never be
+    matched, but targets are computed for every anchor before masking)."""
+    cy, cx, h, w = tf.unstack(yxyx_to_cxcywh(boxes), 4, axis=-1)
+    return cy, cx, tf.maximum(h, _EPSILON), tf.maximum(w, _EPSILON)
+
+
+def encode_centre_size(box, anchor):
+    """`encode` from `centre_size` terms: box (cy, cx, h, w) relative to
+    anchor (cy_a, cx_a, h_a, w_a) (broadcast) -> [..., 4] deltas. For
+    callers that reuse the terms (the label encoder's constant anchors)."""
+    cy, cx, h, w = box
+    cya, cxa, ha, wa = anchor
+    return tf.stack(
+        [(cy - cya) / ha, (cx - cxa) / wa, tf.math.log(h / ha),
+         tf.math.log(w / wa)],
+        axis=-1,
+    )
+
+
 def encode(boxes, anchors):
     """Encodes yxyx boxes relative to yxyx anchors (elementwise, broadcast).
 
@@ -153,19 +175,7 @@ def encode(boxes, anchors):
     Returns:
       [..., 4] float32 deltas (ty, tx, th, tw).
     """
-    cy, cx, h, w = tf.unstack(yxyx_to_cxcywh(boxes), 4, axis=-1)
-    cya, cxa, ha, wa = tf.unstack(yxyx_to_cxcywh(anchors), 4, axis=-1)
-    # Keep log() finite for degenerate boxes (they should never be matched,
-    # but targets are computed for every anchor before masking).
-    ha = tf.maximum(ha, _EPSILON)
-    wa = tf.maximum(wa, _EPSILON)
-    h = tf.maximum(h, _EPSILON)
-    w = tf.maximum(w, _EPSILON)
-    return tf.stack(
-        [(cy - cya) / ha, (cx - cxa) / wa, tf.math.log(h / ha),
-         tf.math.log(w / wa)],
-        axis=-1,
-    )
+    return encode_centre_size(centre_size(boxes), centre_size(anchors))
 
 
 def decode(deltas, anchors):

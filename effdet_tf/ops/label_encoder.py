@@ -84,6 +84,7 @@ class LabelEncoder:
         self.match_threshold = float(match_threshold)
         self.unmatched_threshold = float(unmatched_threshold)
         self.crowd_ioa_threshold = float(crowd_ioa_threshold)
+        self._centre_size = None
 
     def _anchor_boxes(self):
         if isinstance(self.anchors, Anchors):
@@ -101,18 +102,17 @@ class LabelEncoder:
         return box_ops.area(anchors)
 
     def _anchor_centre_size(self, anchors):
-        """Anchor centre y, x and height, width (floored as
-        `box_ops.encode` does), constants for an `Anchors` grid."""
-        if isinstance(self.anchors, Anchors):
-            a = self.anchors.numpy()
-            eps = np.float32(box_ops._EPSILON)
-            return ((a[:, 0] + a[:, 2]) * np.float32(0.5),
-                    (a[:, 1] + a[:, 3]) * np.float32(0.5),
-                    np.maximum(a[:, 2] - a[:, 0], eps),
-                    np.maximum(a[:, 3] - a[:, 1], eps))
-        cya, cxa, ha, wa = tf.unstack(box_ops.yxyx_to_cxcywh(anchors), 4, -1)
-        return (cya, cxa, tf.maximum(ha, box_ops._EPSILON),
-                tf.maximum(wa, box_ops._EPSILON))
+        """`box_ops.centre_size` of the anchors: for an `Anchors` grid
+        constants, computed once eagerly (also when first called while
+        tracing)."""
+        if not isinstance(self.anchors, Anchors):
+            return box_ops.centre_size(anchors)
+        if self._centre_size is None:
+            with tf.init_scope():
+                self._centre_size = tuple(
+                    t.numpy() for t in box_ops.centre_size(self.anchors.numpy())
+                )
+        return self._centre_size
 
     def __call__(self, boxes, classes, is_crowd=None):
         boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
@@ -198,22 +198,18 @@ class LabelEncoder:
         # of (class, centre, size) rows per anchor instead of a gather of
         # classes, one of corners and the corner -> centre maths per anchor:
         # the per-anchor tail costs as much as the matching at a few boxes.
-        # Same float32 operations as `box_ops.encode`, so the same deltas.
-        centre_size = tf.unstack(box_ops.yxyx_to_cxcywh(boxes), 4, axis=-1)
         rows = tf.stack(
-            [tf.cast(classes, tf.float32)] + centre_size[:2]
-            + [tf.maximum(v, box_ops._EPSILON) for v in centre_size[2:]], -1)
+            [tf.cast(classes, tf.float32), *box_ops.centre_size(boxes)], -1)
         rows = tf.concat([rows, tf.zeros([batch, 1, 5])
                           + [float(BACKGROUND), 0.0, 0.0, 1.0, 1.0]], axis=1)
         cls, cy, cx, h, w = tf.unstack(
             tf.gather(rows, matched_gt, batch_dims=1), 5, axis=-1)
-        cya, cxa, ha, wa = self._anchor_centre_size(anchors)
         cls_targets = tf.where(
             positive, tf.cast(cls, tf.int32),
             tf.where(negative, BACKGROUND, IGNORE),
         )
-        deltas = tf.stack([(cy - cya) / ha, (cx - cxa) / wa,
-                           tf.math.log(h / ha), tf.math.log(w / wa)], -1)
+        deltas = box_ops.encode_centre_size(
+            (cy, cx, h, w), self._anchor_centre_size(anchors))
         box_targets = tf.where(positive[..., None], deltas, 0.0)
         return {
             "cls_targets": tf.cast(cls_targets, tf.int32),
@@ -250,8 +246,6 @@ def _match_dense(anchors, anchor_area, boxes, valid):
     best_iou [B, M], best_anchor [B, M]: each box's best IoU over all
       anchors and the first anchor reaching it (-1 / any for invalid boxes).
     """
-    num_anchors = tf.shape(anchors)[0]
-    num_gt = tf.shape(boxes)[1]
     # Layout of the [M, N] IoU matrix: with many boxes anchor-major
     # ([B, N, M]) is faster (the per-anchor reductions over the boxes
     # run along the contiguous axis, fused with the IoU); with few the
@@ -264,30 +258,34 @@ def _match_dense(anchors, anchor_area, boxes, valid):
         tf.expand_dims(valid, anchor_axis),
         _pairwise_iou(anchors, anchor_area, boxes, anchor_major), -1.0,
     )
-    # "First index reaching the maximum" (= tf.argmax) is a float max
-    # of (count - index) over the entries equal to the maximum: XLA's
-    # CPU backend runs float max-reductions much faster than the int
-    # min-reductions (lowered to reduce-windows) or a variadic
-    # arg-reduce. Counts < 2^24, so the ranks are exact.
     # The -1 floor is the value of "no box" (also at M = 0).
     max_iou = tf.maximum(tf.reduce_max(similarity, axis=box_axis), -1.0)
-    gt_rank = tf.cast(num_gt - tf.range(num_gt), tf.float32)
-    rank = tf.reduce_max(
-        tf.where(similarity == tf.expand_dims(max_iou, box_axis),
-                 tf.expand_dims(gt_rank[None], anchor_axis), 0.0),
-        axis=box_axis,
-    )
-    # num_gt (the dummy) when there is no box (M = 0: the empty max is -inf).
-    matched_gt = num_gt - tf.cast(tf.maximum(rank, 0.0), tf.int32)
+    # num_gt (the dummy) when there is no box.
+    matched_gt = _first_index_of_max(similarity, max_iou, box_axis)
     best_iou = tf.reduce_max(similarity, axis=anchor_axis)  # [B, M]
-    anchor_rank = tf.cast(num_anchors - tf.range(num_anchors), tf.float32)
-    rank = tf.reduce_max(
-        tf.where(similarity == tf.expand_dims(best_iou, anchor_axis),
-                 tf.expand_dims(anchor_rank[None], box_axis), 0.0),
-        axis=anchor_axis,
-    )
-    best_anchor = num_anchors - tf.cast(tf.maximum(rank, 0.0), tf.int32)
+    best_anchor = _first_index_of_max(similarity, best_iou, anchor_axis)
     return max_iou, matched_gt, best_iou, best_anchor
+
+
+def _first_index_of_max(similarity, maximum, axis):
+    """Index along `axis` (1 or 2) of [B, ., .] `similarity` of the first
+    entry equal to `maximum` (its max along that axis), as `tf.argmax`
+    picks it; the axis length where none is (an empty axis: max -inf).
+
+    A float max of (count - index) over the entries reaching the maximum:
+    XLA's CPU backend runs float max-reductions much faster than the int
+    min-reductions (lowered to reduce-windows) or a variadic arg-reduce.
+    Counts < 2^24, so the ranks are exact.
+    """
+    count = tf.shape(similarity)[axis]
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    rank = tf.reshape(tf.cast(count - tf.range(count), tf.float32), shape)
+    best = tf.reduce_max(
+        tf.where(similarity == tf.expand_dims(maximum, axis), rank, 0.0),
+        axis=axis,
+    )
+    return count - tf.cast(tf.maximum(best, 0.0), tf.int32)
 
 
 def _pairwise_iou(anchors, anchor_area, boxes, anchor_major):
