@@ -117,9 +117,9 @@ def naive_dataset(pattern, size, batch, seed):
     return ds.prefetch(AUTOTUNE)
 
 
-def full_dataset(pattern, size, batch, seed, cache="auto", jit=True):
+def full_dataset(pattern, size, batch, seed, encoder, cache="auto", jit=True):
     return pipeline.train_dataset(
-        pattern, batch, size, LabelEncoder(Anchors(size)),
+        pattern, batch, size, encoder,
         augment_lib.AugmentConfig(), cache=cache, seed=seed,
         jit_label_encoder=jit,
     )
@@ -185,15 +185,18 @@ def main(argv=None):
     print(f"{len(files)} files, {num_images} images: {pattern}")
 
     size, batch = args.image_size, args.batch_size
+    # One encoder for the full variants, as train_lib shares one between
+    # datasets: its compiled programs are shared too.
+    encoder = LabelEncoder(Anchors(size))
     builders = {
         "floor": lambda: floor_dataset(pattern, size, batch, 0),
         "naive": lambda: naive_dataset(pattern, size, batch, 0),
-        "full": lambda: full_dataset(pattern, size, batch, 0, jit=not args.no_jit),
+        "full": lambda: full_dataset(pattern, size, batch, 0, encoder, jit=not args.no_jit),
         "full_uncached": lambda: full_dataset(
-            pattern, size, batch, 0, cache=False, jit=not args.no_jit
+            pattern, size, batch, 0, encoder, cache=False, jit=not args.no_jit
         ),
         "full_cached": lambda: full_dataset(
-            pattern, size, batch, 0, cache=True, jit=not args.no_jit
+            pattern, size, batch, 0, encoder, cache=True, jit=not args.no_jit
         ),
     }
     names = [n for n in args.pipelines.split(",") if n]

@@ -169,6 +169,19 @@ def test_box_counts_pad_to_the_next_bucket():
         assert padded.shape == (want, 4), (count, padded.shape)
         np.testing.assert_array_equal(padded[:count].numpy(), 1.0)
         np.testing.assert_array_equal(padded[count:].numpy(), -1.0)
+    # Crowd lists: coarser buckets (fewer compiled (objects, crowd) pairs).
+    for count, want in ((0, 0), (1, 4), (5, 16), (2000, 2000)):
+        padded = pipeline._pad_to_bucket(
+            tf.ones([count, 4]), table=pipeline._CROWD_BUCKET_OF)
+        assert padded.shape == (want, 4), (count, padded.shape)
+
+
+def test_pipelines_sharing_an_encoder_share_its_compiled_programs():
+    encoder = _encoder()
+    first = pipeline._TargetEncoder(encoder, jit=True)
+    second = pipeline._TargetEncoder(encoder, jit=True)
+    assert first._call is second._call
+    assert pipeline._TargetEncoder(_encoder(), jit=True)._call is not first._call
 
 
 def test_jit_label_encoder_matches_plain_call():

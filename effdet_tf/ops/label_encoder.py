@@ -85,6 +85,7 @@ class LabelEncoder:
         self.unmatched_threshold = float(unmatched_threshold)
         self.crowd_ioa_threshold = float(crowd_ioa_threshold)
         self._centre_size = None
+        self._compiled_split = None
 
     def _anchor_boxes(self):
         if isinstance(self.anchors, Anchors):
@@ -154,6 +155,16 @@ class LabelEncoder:
         return self._encode(
             boxes, tf.cast(classes, tf.int32), tf.cast(crowd_boxes, tf.float32)
         )
+
+    def compiled_split(self):
+        """`encode_split` XLA-compiled (`jit_compile=True`), built once per
+        encoder: pipelines sharing an encoder (train_lib gives all datasets
+        the same one) share its programs, compiled once per input shape
+        (~0.45 s CPU each at 512 px)."""
+        if self._compiled_split is None:
+            self._compiled_split = tf.function(
+                self.encode_split, jit_compile=True)
+        return self._compiled_split
 
     def _encode(self, boxes, classes, crowd_boxes):
         """boxes [B, M, 4], classes [B, M], crowd_boxes [B, K, 4]."""
