@@ -14,13 +14,16 @@
 
 Every pipeline reads the same TFRecords, repeats forever, is run once for
 --prewarm batches (one-time costs: XLA compiles of the label encoder's
-box-count buckets, the decode cache), then is timed in rounds: each round makes a fresh iterator per pipeline, warms it up, then
-times `--batches` batches. Pipelines alternate within a round so a load
-change on a shared machine hits all of them; medians over rounds are
-reported, with ratios to the same-run baselines, both as wall-clock
-images/s and as process CPU milliseconds per image (the cost; on a machine
-shared with other jobs the wall clock mostly measures the neighbours, and
-the CPU ratio is the throughput ratio the pipelines would have alone).
+box-count buckets, the decode cache), then is timed in rounds: each round
+makes a fresh iterator per pipeline (after the previous one's threads have
+gone idle), warms it up, then times `--batches` batches. Pipelines
+alternate within a round so a load change on a shared machine hits all of
+them. Reported: medians over rounds with the ratios of those medians, and
+the median over rounds of each round's own ratio (paired: steadier under a
+changing load), both as wall-clock images/s and as process CPU
+milliseconds per image (the cost; on a machine shared with other jobs the
+wall clock partly measures the neighbours, and the CPU ratio is the
+throughput ratio the pipelines would have alone).
 
   python benchmarks/input_pipeline.py                       # real samples
   python benchmarks/input_pipeline.py --records='/data/coco/train-*.tfrecord'
@@ -234,10 +237,33 @@ def main(argv=None):
             ok = base in med_cpu and n != base
             cells.append(f"{med_cpu[base] / med_cpu[n]:8.2f}" if ok else f"{'':8s}")
         print(f"  {n:14s} " + " ".join(cells))
+
+    # Paired: each round's ratio to the baselines timed in that same round,
+    # then the median (and range) over rounds. A load change between
+    # rounds moves a pipeline and its baselines together, so these vary
+    # less than the ratios of the medians above.
+    print("\n  same-round ratios, median (min-max) over rounds:")
+    print(f"  {'pipeline':14s} {'x floor':>17s} {'x naive':>17s}"
+          f" {'x floor (CPU)':>17s} {'x naive (CPU)':>17s}")
+    paired = {}
+    for n in names:
+        cells = []
+        for values, invert in ((rates, False), (cpu, True)):
+            for base in ("floor", "naive"):
+                if base not in values or n == base:
+                    cells.append(f"{'':>17s}")
+                    continue
+                ratios = [(b / a if invert else a / b)
+                          for a, b in zip(values[n], values[base])]
+                paired[f"{n}/{base}/{'cpu' if invert else 'wall'}"] = ratios
+                cells.append(f"{statistics.median(ratios):5.2f} "
+                             f"({min(ratios):4.2f}-{max(ratios):4.2f})")
+        print(f"  {n:14s} " + " ".join(cells))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"images_per_s": rates, "cpu_ms_per_image": cpu,
                        "median_images_per_s": med, "median_cpu_ms": med_cpu,
+                       "same_round_ratios": paired,
                        "args": vars(args)}, f, indent=1)
 
 

@@ -379,7 +379,7 @@ def test_cli_coco_root_and_output_inside_source(bad):
         "train-00001-of-00002.tfrecord", "train_annotations.json"]
 
 
-def test_ensure_tfrecords_caches(bad, tmp_path):
+def test_ensure_tfrecords_caches(bad, tmp_path, capsys):
     root, _, _ = bad
     cache = tmp_path / "cache"
     first = coco_tfrecord.ensure_tfrecords(root, cache, name="bad", progress=False,
@@ -395,5 +395,10 @@ def test_ensure_tfrecords_caches(bad, tmp_path):
                                             verbose=False)
     assert second != first and second.is_dir()
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+    # The older conversion is reported, not deleted (another run may use it).
+    assert f"older conversion(s) of 'bad'" in capsys.readouterr().out
+    assert first.is_dir()
+    assert coco_tfrecord.stale_conversions(second, "bad") == [first]
+    assert coco_tfrecord.stale_conversions(second, "ba") == []
     with pytest.raises(ConversionError, match="neither"):
         coco_tfrecord.ensure_tfrecords(tmp_path, cache)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -371,11 +372,37 @@ def ensure_tfrecords(path, cache_dir, name=None, **kwargs):
     name = name or path.name
     options = {k: v for k, v in kwargs.items() if k in ("num_shards", "strict", "keep_unusable")}
     target = Path(cache_dir) / f"{name}-{_fingerprint(path, options)}"
-    if is_converted(target):
-        return target
+    if not is_converted(target):
+        _convert_into(path, target, name, kwargs)
+    _report_stale(target, name)
+    return target
+
+
+def stale_conversions(target, name):
+    """Other converted <name>-<fingerprint> folders beside `target`: made
+    from earlier versions of the data or other options."""
+    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{16}")
+    return sorted(p for p in Path(target).parent.iterdir()
+                  if p != Path(target) and pattern.fullmatch(p.name)
+                  and is_converted(p))
+
+
+def _report_stale(target, name):
+    """Says which older conversions of this dataset take disk space. They
+    are not deleted: another run may still read them (other options)."""
+    stale = stale_conversions(target, name)
+    if stale:
+        size = sum(f.stat().st_size for p in stale for f in p.iterdir() if f.is_file())
+        print(f"note: {len(stale)} older conversion(s) of {name!r} beside {target} "
+              f"({size / 2**20:.1f} MiB), from earlier data or options; delete "
+              f"them when no run needs them: {', '.join(p.name for p in stale)}")
+
+
+def _convert_into(path, target, name, kwargs):
+    """Converts COCO root `path` into `target` (created whole or not at all)."""
     # Convert next to the target, then rename: a crash or a concurrent worker
     # never leaves a half-written folder under the final name.
-    tmp = Path(cache_dir) / f".{target.name}.tmp{os.getpid()}"
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         convert_root(path, tmp, name=name, **kwargs)
@@ -385,7 +412,6 @@ def ensure_tfrecords(path, cache_dir, name=None, **kwargs):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def main(argv=None):
