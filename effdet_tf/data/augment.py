@@ -189,8 +189,9 @@ def _mosaic_pixels(images, order, centers):
     return tf.gather(tf.reshape(images, [-1, 3]), index)
 
 
-def _resize_bilinear(image, new_h, new_w):
-    """tf.image.resize (bilinear) of a uint8 image -> float32 [new_h, new_w].
+def resize_bilinear(image, new_h, new_w):
+    """tf.image.resize (bilinear) of an image -> float32 [new_h, new_w]
+    (the one resample of the train and eval pipelines).
 
     TF's CPU ResizeBilinear reads uint8 pixels ~2x slower per output pixel
     than float32 ones (measured: 1.0 vs 0.5 ms for 640x480 -> 512x384),
@@ -255,7 +256,7 @@ def random_resize(example, image_size, seed, config):
 
     # tf.image.resize is ~2x faster than crop_and_resize on CPU; the crop,
     # mirror and pad after it are uint8 copies of the visible part only.
-    resized = _resize_bilinear(image, new_h, new_w)
+    resized = resize_bilinear(image, new_h, new_w)
     top, left = tf.maximum(-offset_y, 0), tf.maximum(-offset_x, 0)
     paste_y, paste_x = tf.maximum(offset_y, 0), tf.maximum(offset_x, 0)
     visible_h = tf.minimum(new_h - top, size - paste_y)

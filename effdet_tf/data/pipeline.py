@@ -92,7 +92,8 @@ def letterbox(image, image_size, original_size=None):
     new_size = tf.minimum(
         tf.cast(tf.round(original * scale), tf.int32), image_size
     )
-    resized = tf.image.resize(image, tf.maximum(new_size, 1))
+    new_size = tf.maximum(new_size, 1)
+    resized = augment_lib.resize_bilinear(image, new_size[0], new_size[1])
     canvas = tf.image.pad_to_bounding_box(resized, 0, 0, image_size, image_size)
     return canvas, scale
 
