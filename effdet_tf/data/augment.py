@@ -210,6 +210,24 @@ def resize_bilinear(image, new_h, new_w):
     )
 
 
+def pad_to_canvas(image, top, left, size):
+    """[h, w, C] image -> [size, size, C], placed at (top, left), zeros
+    elsewhere (tf.image.pad_to_bounding_box's result).
+
+    Pads the [h, w * C] view instead: TF's CPU Pad op is ~4x slower on the
+    3-D tensor with its 3-wide inner axis (measured 0.4-0.7 vs 0.07-0.25 ms
+    for 384 x 500 x 3 uint8 into 512 x 512).
+    """
+    shape = tf.shape(image)
+    channels = image.shape[-1] if image.shape[-1] is not None else shape[2]
+    padded = tf.pad(
+        tf.reshape(image, [shape[0], shape[1] * channels]),
+        [[top, size - shape[0] - top],
+         [left * channels, (size - shape[1] - left) * channels]],
+    )
+    return tf.reshape(padded, [size, size, channels])
+
+
 def random_resize(example, image_size, seed, config):
     """Per-image random scale, translation and flip, fused with the letterbox.
 
@@ -271,7 +289,7 @@ def random_resize(example, image_size, seed, config):
         visible = tf.cond(
             flip, lambda: tf.reverse(visible, [1]), lambda: visible
         )
-    canvas = tf.image.pad_to_bounding_box(visible, paste_y, paste_x, size, size)
+    canvas = pad_to_canvas(visible, paste_y, paste_x, size)
 
     # Boxes: the per-axis scale the integer resize really applied.
     scale_y = tf.cast(new_h, tf.float32) / height

@@ -94,7 +94,7 @@ def letterbox(image, image_size, original_size=None):
     )
     new_size = tf.maximum(new_size, 1)
     resized = augment_lib.resize_bilinear(image, new_size[0], new_size[1])
-    canvas = tf.image.pad_to_bounding_box(resized, 0, 0, image_size, image_size)
+    canvas = augment_lib.pad_to_canvas(resized, 0, 0, image_size)
     return canvas, scale
 
 
