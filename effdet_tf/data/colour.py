@@ -14,6 +14,7 @@ import tensorflow as tf
 # ITU-R BT.601 luma: the grey a saturation change moves towards.
 _LUMA = (0.299, 0.587, 0.114)
 
+
 def _colour_matrices(u, config):
     """[G, 3, 3] matrices M (pixel' = M @ pixel) for HSV-style colour jitter.
 

@@ -22,20 +22,19 @@ per-anchor tail (forced matches, a gather of the matched box, deltas,
 outputs) ~0.9. The real samples of benchmarks/input_pipeline.py (Mosaic on)
 have 3.8 boxes per image on average (median 3, max 17 in 96 images).
 
-The matching is a few passes over an [M, N] IoU matrix. With 16 or more boxes it is laid out
-anchor-major ([N, M]: the per-anchor reductions over the boxes fuse with
-the IoU along the contiguous axis), with fewer box-major (measured faster
-there). Arg-max/arg-min are a max then the largest (count - index)
-reaching it, as a float max (first index wins, as `tf.argmax`): XLA's CPU
-backend lowers int min-reductions over these matrices to slow
-reduce-windows and a variadic arg-reduce is slower still. Forced matches
-are a scatter-min of M box indices, not a pass. Crowd regions can be
-passed as their own list (`encode_split`), so that the common image
-without any costs no pass at all: inside XLA a `tf.cond` on "any crowd" is
-turned into a select that computes both sides.
+The matching is a few passes over an [M, N] IoU matrix. With 16 or more
+boxes it is laid out anchor-major ([N, M]: the per-anchor reductions over
+the boxes fuse with the IoU along the contiguous axis), with fewer
+box-major (measured faster there). Arg-max/arg-min are a max then the
+largest (count - index) reaching it, as a float max (first index wins, as
+`tf.argmax`): XLA's CPU backend lowers int min-reductions over these
+matrices to slow reduce-windows and a variadic arg-reduce is slower still.
+Forced matches are a scatter-min of M box indices, not a pass. Crowd
+regions can be passed as their own list (`encode_split`), so that the
+common image without any costs no pass at all: inside XLA a `tf.cond` on
+"any crowd" is turned into a select that computes both sides.
 """
 
-import numpy as np
 import tensorflow as tf
 
 from effdet_tf.ops import boxes as box_ops
@@ -84,7 +83,7 @@ class LabelEncoder:
         self.match_threshold = float(match_threshold)
         self.unmatched_threshold = float(unmatched_threshold)
         self.crowd_ioa_threshold = float(crowd_ioa_threshold)
-        self._centre_size = None
+        self._terms = None
         self._compiled_split = None
 
     def _anchor_boxes(self):
@@ -92,28 +91,22 @@ class LabelEncoder:
             return self.anchors.boxes
         return tf.cast(self.anchors, tf.float32)
 
-    def _anchor_area(self, anchors):
-        if isinstance(self.anchors, Anchors):
-            # A constant, as eager `box_ops.area` computes it (see
-            # `_pairwise_iou` on FMA contraction in compiled programs).
-            boxes = self.anchors.numpy()
-            return tf.constant(
-                np.maximum(boxes[:, 2] - boxes[:, 0], 0.0)
-                * np.maximum(boxes[:, 3] - boxes[:, 1], 0.0))
-        return box_ops.area(anchors)
-
-    def _anchor_centre_size(self, anchors):
-        """`box_ops.centre_size` of the anchors: for an `Anchors` grid
-        constants, computed once eagerly (also when first called while
-        tracing)."""
+    def _anchor_terms(self, anchors):
+        """(area, (cy, cx, h, w)) of the anchors, as `box_ops.area` and
+        `box_ops.centre_size` compute them. For an `Anchors` grid they are
+        constants, computed once eagerly (also when first asked while
+        tracing): a constant area also keeps it computed as eagerly, see
+        `_pairwise_iou` on FMA contraction in compiled programs."""
         if not isinstance(self.anchors, Anchors):
-            return box_ops.centre_size(anchors)
-        if self._centre_size is None:
+            return box_ops.area(anchors), box_ops.centre_size(anchors)
+        if self._terms is None:
             with tf.init_scope():
-                self._centre_size = tuple(
-                    t.numpy() for t in box_ops.centre_size(self.anchors.numpy())
+                boxes = self.anchors.numpy()
+                self._terms = (
+                    box_ops.area(boxes).numpy(),
+                    tuple(t.numpy() for t in box_ops.centre_size(boxes)),
                 )
-        return self._centre_size
+        return self._terms
 
     def __call__(self, boxes, classes, is_crowd=None):
         boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
@@ -174,8 +167,9 @@ class LabelEncoder:
         num_gt = tf.shape(boxes)[1]
 
         valid = (box_ops.area(boxes) > 0.0) & (classes >= 0)
+        anchor_area, anchor_centre_size = self._anchor_terms(anchors)
         max_iou, matched_gt, best_iou, best_anchor = _match_dense(
-            anchors, self._anchor_area(anchors), boxes, valid)
+            anchors, anchor_area, boxes, valid)
 
         # Force-match every valid box onto its best anchor (the first one
         # on ties). When two boxes share a best anchor, the lower index
@@ -219,8 +213,7 @@ class LabelEncoder:
             positive, tf.cast(cls, tf.int32),
             tf.where(negative, BACKGROUND, IGNORE),
         )
-        deltas = box_ops.encode_centre_size(
-            (cy, cx, h, w), self._anchor_centre_size(anchors))
+        deltas = box_ops.encode_centre_size((cy, cx, h, w), anchor_centre_size)
         box_targets = tf.where(positive[..., None], deltas, 0.0)
         return {
             "cls_targets": tf.cast(cls_targets, tf.int32),
