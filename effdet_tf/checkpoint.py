@@ -18,7 +18,6 @@ Every file is written to a temporary name in the same folder and renamed,
 so a run killed at any moment leaves either the old file or the new one.
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import keras
 from absl import logging
 
 from effdet_tf.config import Config
+from effdet_tf.optimization import averaged_weights
 
 CONFIG_FILE = "config.json"
 BEST_WEIGHTS = "best.weights.h5"
@@ -263,28 +263,10 @@ def best_metrics(model_dir) -> Optional[dict]:
 
 
 # ---------------------------------------------------------------- EMA
-@contextlib.contextmanager
-def ema_weights(model):
-    """Inside the block the model holds its EMA weights (if the optimizer
-    keeps an EMA); the training weights come back on exit. Uses Keras'
-    SwapEMAWeights, which swaps in place (no copy of the model)."""
-    optimizer = getattr(model, "optimizer", None)
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if inner is None or not getattr(inner, "use_ema", False) or not inner.built:
-        yield model
-        return
-    swap = keras.callbacks.SwapEMAWeights()
-    swap.set_model(model)
-    swap.on_test_begin()
-    try:
-        yield model
-    finally:
-        swap.on_test_end()
-
-
 def save_ema_weights(model, model_dir, which):
-    """Writes model_dir/{best,last}.weights.h5 with the EMA weights."""
-    with ema_weights(model):
+    """Writes model_dir/{best,last}.weights.h5 with the EMA weights (and
+    the EMA of the BatchNorm statistics)."""
+    with averaged_weights(model):
         atomic_save_weights(model, os.path.join(model_dir, _WHICH[which]), weights_only=True)
 
 

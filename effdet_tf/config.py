@@ -112,6 +112,9 @@ class DataConfig:
     data_cache_dir: str = _field(
         "", "Where converted TFRecords go (default MODEL_DIR/data_cache). "
         "The source dataset folder is never written to.")
+    val_split: str = _field(
+        "", "Split a dataset root is evaluated on (converted as val): empty = val, else valid, "
+        "else test; SPLIT for every dataset, or NAME=SPLIT,... for some (the others: auto).")
     batch_size: int = _field(
         8, "Global batch per dataset and step (summed over replicas); "
         "--dataset_batch_size=NAME=N overrides it for one dataset.")

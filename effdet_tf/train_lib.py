@@ -112,16 +112,24 @@ def _count_records(pattern):
 def resolve_datasets(config: Config) -> Config:
     """Converts COCO roots into TFRecords (cache dir, never the source) and
     fills each dataset's label map and training-set size from the
-    converter's output."""
-    from effdet_tf.data.coco_tfrecord import ConversionError, ensure_tfrecords
+    converter's output. Logs which split trains and which evaluates (the
+    one written as val: --val_split, else val, valid, test)."""
+    from effdet_tf.data import data_cache, layouts
+    from effdet_tf.data.coco_checks import ConversionError
 
     cache = config.data.data_cache_dir or os.path.join(config.train.model_dir, "data_cache")
+    try:
+        val_splits = layouts.parse_val_split(config.data.val_split, config.data.head_names)
+    except ConversionError as e:
+        raise ConfigError(str(e)) from None
     resolved = []
     for ds in config.data.datasets:
         try:
-            tf_dir = str(ensure_tfrecords(ds.path, cache, name=ds.name))
+            tf_dir = str(data_cache.ensure_tfrecords(ds.path, cache, name=ds.name,
+                                                     val_split=val_splits[ds.name]))
         except ConversionError as e:
             raise ConfigError(f"--dataset={ds.name}={ds.path}: {e}") from None
+        logging.info("Dataset %s %s", ds.name, data_cache.describe_conversion(tf_dir))
         with open(os.path.join(tf_dir, "label_map.json")) as f:
             classes = classes_from_label_map(json.load(f))
         report = os.path.join(tf_dir, "report_train.json")

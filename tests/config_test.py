@@ -108,18 +108,3 @@ def test_backup_is_atomic_and_restores_optimizer_state(tmp_path):
     meta = checkpoint.restore_training_state(other, str(tmp_path))
     assert meta["step"] == 4
     assert int(other.optimizer.iterations.numpy()) == 4
-
-
-def test_ema_weights_swap_in_and_back(tmp_path):
-    model = _tiny_model()
-    model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, epochs=2, verbose=0)
-    before = [w.copy() for w in model.get_weights()]
-    ema = [v.numpy() for v in model.optimizer._model_variables_moving_average]
-    with checkpoint.ema_weights(model):
-        np.testing.assert_allclose(model.get_weights()[0], ema[0], rtol=1e-6)
-    np.testing.assert_allclose(model.get_weights()[0], before[0], rtol=1e-6)
-    checkpoint.save_ema_weights(model, str(tmp_path), "last")
-    fresh = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    fresh.load_weights(os.path.join(tmp_path, checkpoint.LAST_WEIGHTS))
-    np.testing.assert_allclose(fresh.get_weights()[0], ema[0], rtol=1e-6)
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]

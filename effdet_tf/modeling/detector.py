@@ -15,7 +15,7 @@ from effdet_tf.modeling.backbone import CSPDarknet53
 from effdet_tf.modeling.bifpn import BiFPN
 from effdet_tf.modeling.heads import BoxNet, ClassNet
 from effdet_tf.ops.anchors import Anchors
-from effdet_tf.ops.losses import DetectionLoss
+from effdet_tf.ops.losses import DetectionLoss, weight_l2_loss
 from effdet_tf.ops.postprocess import postprocess
 
 
@@ -161,6 +161,10 @@ class Detector(keras.Model):
             for name in self.heads
             for part in ("cls_loss", "box_loss", "loss")
         }
+        self.l2_tracker = keras.metrics.Mean(name="l2_loss")
+        # Training recipe, not architecture: set by compile(), not saved.
+        self.l2_weight_decay = 0.0
+        self._l2_variables = lambda: []
 
         # === Functional Model ===
         # Backbone and neck form one functional graph; the heads are shared
@@ -198,8 +202,25 @@ class Detector(keras.Model):
         per_dataset = zip(*[tf.split(level, batch_sizes, axis=0) for level in levels])
         return {name: self._run_head(name, list(slices), training) for name, slices in zip(names, per_dataset)}
 
+    def compile(self, *args, l2_weight_decay=0.0, l2_variables=(), **kwargs):
+        """Keras's compile, plus EfficientDet's weight decay as a loss term:
+        `l2_weight_decay * sum(v**2) / 2` over `l2_variables` (the kernels:
+        see optimization.decay_variables), whose gradient is
+        `l2_weight_decay * v` and goes through the optimizer's momentum."""
+        self.l2_weight_decay = float(l2_weight_decay)
+        variables = list(l2_variables)
+        self._l2_variables = lambda: variables  # a closure: Keras would track a list attribute
+        super().compile(*args, **kwargs)
+
+    def l2_loss(self):
+        """The L2 weight-decay term (float32 scalar; 0 when off)."""
+        if not self.l2_weight_decay:
+            return tf.constant(0.0, tf.float32)
+        return weight_l2_loss(self._l2_variables(), self.l2_weight_decay)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Weighted sum over heads of each head's focal + box loss.
+        """Weighted sum over heads of each head's focal + box loss, plus the
+        L2 weight-decay term (tracked as `l2_loss`) when compiled with one.
 
         `y` is {name: {"cls_targets": [B, N], "box_targets": [B, N, 4]}}, the
         same keys as `y_pred`. Per-head losses are tracked as metrics
@@ -214,6 +235,10 @@ class Detector(keras.Model):
             for part in ("cls_loss", "box_loss", "loss"):
                 self.loss_trackers[f"{name}_{part}"].update_state(losses[part])
             total += self.head_loss_weights[name] * losses["loss"]
+        if self.l2_weight_decay:
+            l2 = self.l2_loss()
+            self.l2_tracker.update_state(l2)
+            total += l2
         for extra in self.losses:
             total += tf.cast(tf.reduce_sum(extra), tf.float32)
         # Keras sums gradients across replicas, so each replica contributes

@@ -187,3 +187,12 @@ class DetectionLoss:
         if isinstance(config.get("anchors"), dict):
             config["anchors"] = Anchors(**config["anchors"])
         return cls(**config)
+
+
+def weight_l2_loss(variables, weight):
+    """EfficientDet's weight decay as a loss term (google/automl
+    efficientdet/det_model_fn.py, reg_l2_loss): weight * sum(v**2) / 2 over
+    `variables`, in float32, so its gradient is weight * v."""
+    if not variables:
+        return tf.constant(0.0, tf.float32)
+    return weight * tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables])

@@ -1,0 +1,244 @@
+"""The training recipe's optimizer: schedule, weight decay, clipping, EMA.
+
+EfficientDet's recipe (Tan et al. 2020, sec. 5.1; google/automl
+efficientdet `det_model_fn.py` and `hparams_config.py`) differs from what
+Keras's optimizers do with the same numbers in three places, each fixed
+here:
+
+1. Weight decay. automl's `weight_decay=4e-5` is an L2 term added to the
+   loss, `wd * sum(l2_loss(v))` = `wd/2 * sum(v**2)` over every variable but
+   BatchNorm's and the biases (`reg_l2_loss`), so its gradient `wd * v`
+   goes through SGD's momentum: ~1/(1 - 0.9) = 10x the pull of Keras's
+   decoupled `weight_decay`, which shrinks `v` by `lr * wd * v` outside the
+   momentum. `--l2_weight_decay` is the former (Detector.compile adds the
+   term to the loss); `--weight_decay` is the latter, for AdamW.
+2. Gradient clipping. Keras 3.15 clips in `_backend_apply_gradients`
+   before `_backend_update_step` sums the replicas' gradients, so under a
+   distribution strategy `global_clipnorm` bounds each replica's share, not
+   the gradient of the global batch. automl clips the aggregated gradient.
+   `_Recipe._backend_update_step` all-reduces, then clips, then applies.
+3. The weight EMA. Keras's `use_ema` uses the fixed momentum from step 1
+   (`_update_model_variables_moving_average`): with 0.9998, the average
+   after 600 steps still holds 0.9998**600 = 89% of the random init. automl
+   uses `tf.train.ExponentialMovingAverage(decay, num_updates=step)` (its
+   Keras trainer: `MovingAverage(..., dynamic_decay=True)`), whose decay
+   at step t is min(decay, (1 + t) / (10 + t)), and averages BatchNorm's
+   moving mean and variance with the weights (`ema_vars` in
+   `det_model_fn.py`). `_Recipe` keeps that average in optimizer variables,
+   so the backup of the optimizer state resumes it exactly.
+
+Everything that reaches into Keras internals is in `_Recipe`; each use says
+the Keras version it was checked against.
+"""
+
+import contextlib
+import functools
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+# EfficientDet warms up from lr_warmup_init = 0.008 to 0.08: 10% of the peak
+# (google/automl efficientdet/hparams_config.py).
+WARMUP_START_FRACTION = 0.1
+
+_BASES = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW}
+
+
+def ema_decay(step, momentum):
+    """Decay of the weight average at optimizer step `step` (0-based).
+
+    automl's warm-up: min(momentum, (1 + t) / (10 + t)), so the average
+    follows the weights closely early on (0.1 at t = 0, 0.5 at t = 8) and
+    reaches `momentum` only after ~1 / (1 - momentum) steps. Step 0 copies
+    the weights (decay 0): the average then starts from the weights the
+    first step updated, which may have been loaded after the optimizer was
+    built (Darknet backbone weights), never from the random init.
+    """
+    step = tf.cast(step, tf.float32)
+    warm = tf.minimum(tf.cast(momentum, tf.float32), (1.0 + step) / (10.0 + step))
+    return tf.where(step > 0, warm, 0.0)
+
+
+def no_decay_variables(model):
+    """BatchNorm gammas/betas and biases: EfficientDet decays neither
+    (google/automl efficientdet/det_model_fn.py, reg_l2_loss)."""
+    out = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001 - no public walk
+        if isinstance(layer, keras.layers.BatchNormalization):
+            out += [v for v in (layer.gamma, layer.beta) if v is not None]
+        bias = getattr(layer, "bias", None)
+        if isinstance(bias, keras.Variable):
+            out.append(bias)
+    return out
+
+
+def decay_variables(model):
+    """The variables weight decay applies to: every trainable variable but
+    BatchNorm's and the biases (conv and dense kernels, BiFPN fusion
+    weights), as automl's reg_l2_loss selects them."""
+    skip = {id(v) for v in no_decay_variables(model)}
+    return [v for v in model.trainable_variables if id(v) not in skip]
+
+
+def batchnorm_statistics(model):
+    """Every BatchNorm layer's moving mean and variance: averaged with the
+    weights, as automl's EMA does."""
+    out = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
+        if isinstance(layer, keras.layers.BatchNormalization):
+            out += [layer.moving_mean, layer.moving_variance]
+    return out
+
+
+class _Recipe:
+    """Mixed into a Keras optimizer class: clipping after the all-reduce and
+    a warmed-up EMA of the weights and the BatchNorm statistics.
+
+    Args (besides the base optimizer's):
+      global_clipnorm: clips the all-reduced gradient (not passed to Keras,
+        which would clip each replica's share).
+      average_decay: EMA momentum; 0 keeps no average.
+      averaged_extra: non-trainable variables averaged too (BatchNorm
+        moving statistics).
+    """
+
+    def __init__(self, *args, global_clipnorm=None, average_decay=0.0, averaged_extra=(), **kwargs):
+        if kwargs.get("use_ema") or kwargs.get("clipnorm") or kwargs.get("clipvalue"):
+            raise ValueError("Use global_clipnorm and average_decay: Keras's own EMA and clipping are "
+                             "the ones this class replaces.")
+        super().__init__(*args, **kwargs)
+        self.clip_after_reduce = float(global_clipnorm or 0.0)
+        self.average_decay = float(average_decay)
+        self._extra_fn = lambda: list(averaged_extra)  # a closure: Keras would track a list as weights
+        self.averages = []
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        if self.average_decay > 0:
+            averaged = list(variables) + self._extra_fn()
+            self._averaged_fn = lambda: averaged
+            # Checked against Keras 3.15: add_variable_from_reference makes a
+            # zero variable colocated with its reference under the strategy.
+            self.averages = [self.add_variable_from_reference(v, name="ema") for v in averaged]
+            for average, v in zip(self.averages, averaged):
+                average.assign(v)
+
+    @property
+    def averaged_variables(self):
+        """The model variables `averages` shadow, in the same order."""
+        return self._averaged_fn() if self.averages else []
+
+    # -- Keras 3.15 TF backend internals (keras/src/backend/tensorflow/optimizer.py)
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """TFOptimizer's update (all-reduce, then one merge_call that updates
+        every variable) with the clip between the two."""
+        if not self.clip_after_reduce:
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        reduced = self._all_reduce_sum_gradients(list(zip(grads, variables)))
+        clipped, _ = tf.clip_by_global_norm([g for g, _ in reduced], self.clip_after_reduce)
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_tf_update_step, self._distribution_strategy,
+            list(zip(clipped, variables)), learning_rate)
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        super()._backend_apply_gradients(grads, trainable_variables)
+        if self.averages:
+            # Before apply() increments iterations: the first update sees 0.
+            decay = ema_decay(self.iterations, self.average_decay)
+            tf.__internal__.distribute.interim.maybe_merge_call(
+                self._update_averages, self._distribution_strategy, decay)
+
+    def _update_averages(self, distribution, decay):
+        def update(average, value, decay):
+            decay = tf.cast(decay, average.dtype)
+            return average.assign(decay * average + (1.0 - decay) * tf.cast(value, average.dtype))
+
+        for average, v in zip(self.averages, self.averaged_variables):
+            distribution.extended.update(_tf_variable(average), update, args=(_tf_variable(v), decay), group=False)
+
+    def swap_averages(self):
+        """Exchanges the model variables' values with their averages, on
+        every replica (cross-replica context: callbacks, evaluation)."""
+        def swap(v, average):
+            held = tf.identity(v)
+            v.assign(average)
+            return average.assign(held)
+
+        strategy = self._distribution_strategy
+        for average, v in zip(self.averages, self.averaged_variables):
+            strategy.extended.update(_tf_variable(v), swap, args=(_tf_variable(average),), group=False)
+
+
+def _tf_variable(v):
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_class(name):
+    """The Keras optimizer class `name` (sgd, adam, adamw) with `_Recipe`."""
+    base = _BASES[name]
+    return type(f"Recipe{base.__name__}", (_Recipe, base), {})
+
+
+def inner(optimizer):
+    """The optimizer inside a LossScaleOptimizer (or the optimizer)."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+@contextlib.contextmanager
+def averaged_weights(model):
+    """Inside the block the model holds its EMA weights and BatchNorm
+    statistics (if its optimizer keeps an average); the training values come
+    back on exit. Swaps in place: no copy of the model."""
+    optimizer = inner(getattr(model, "optimizer", None))
+    if not getattr(optimizer, "averages", None):
+        yield model
+        return
+    optimizer.swap_averages()
+    try:
+        yield model
+    finally:
+        optimizer.swap_averages()
+
+
+def learning_rate_schedule(peak, total_steps, warmup_steps):
+    """Linear warm-up from 10% of `peak`, then cosine decay to 0."""
+    warmup = min(warmup_steps, max(total_steps - 1, 0))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak * WARMUP_START_FRACTION if warmup else peak,
+        decay_steps=max(total_steps - warmup, 1), alpha=0.0,
+        warmup_target=peak if warmup else None, warmup_steps=warmup), warmup
+
+
+def make_optimizer(train_config, model, images_per_step, steps_per_epoch):
+    """The optimizer of `train_config` (TrainConfig) for `model`.
+
+    L2 weight decay is not here: it is a loss term (Detector.compile,
+    ops.losses.weight_l2_loss).
+    """
+    t = train_config
+    total = steps_per_epoch * t.epochs
+    peak = t.learning_rate * images_per_step / t.lr_reference_batch
+    schedule, warmup = learning_rate_schedule(peak, total, t.warmup_steps(steps_per_epoch))
+    kwargs = dict(learning_rate=schedule, weight_decay=t.weight_decay or None,
+                  global_clipnorm=t.global_clipnorm or None, average_decay=t.ema_momentum,
+                  averaged_extra=batchnorm_statistics(model) if t.ema_momentum > 0 else ())
+    if t.optimizer == "sgd":
+        kwargs["momentum"] = t.momentum
+    else:
+        kwargs["beta_1"] = t.momentum
+    optimizer = recipe_class(t.optimizer)(**kwargs)
+    if t.weight_decay:
+        optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
+    logging.info("%s: peak LR %.5g (%g per %d images x %d images/step), warmup %d steps, cosine over %d "
+                 "steps; L2 %g, decoupled decay %g, clip norm %g (after the all-reduce), EMA %g with warm-up.",
+                 t.optimizer, peak, t.learning_rate, t.lr_reference_batch, images_per_step, warmup, total,
+                 t.l2_weight_decay, t.weight_decay, t.global_clipnorm, t.ema_momentum)
+    if t.precision == "mixed_float16":
+        # Dynamic loss scaling; a step with non-finite gradients is skipped.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
