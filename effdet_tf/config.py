@@ -150,8 +150,10 @@ class DataConfig:
 class TrainConfig:
     """Training recipe. Defaults are EfficientDet's (Tan et al. 2020, sec. 5.1
     and google/automl hparams): SGD momentum 0.9, LR 0.08 per 64 images with
-    linear warmup then cosine decay, weight decay 4e-5, gradient clip norm 10,
-    weight EMA 0.9998."""
+    linear warmup then cosine decay, L2 weight decay 4e-5 in the loss,
+    gradient clip norm 10 on the aggregated gradient, EMA 0.9998 with
+    warm-up (effdet_tf/optimization.py says how each differs from Keras's
+    own)."""
 
     model_dir: str = _field("", "Where config.json, checkpoints and TensorBoard logs go.")
     mode: str = _field("train_and_eval", "What to run.", MODES)
@@ -164,9 +166,17 @@ class TrainConfig:
     learning_rate: float = _field(0.08, "Peak LR per --lr_reference_batch images.")
     lr_reference_batch: int = _field(64, "Images per step at which --learning_rate applies (scaled linearly).")
     momentum: float = _field(0.9, "SGD momentum (Adam beta_1 for adam/adamw).")
-    weight_decay: float = _field(4e-5, "Decoupled weight decay; BatchNorm and biases excluded.")
-    global_clipnorm: float = _field(10.0, "Clip gradients to this global norm (0: off).")
-    ema_momentum: float = _field(0.9998, "Weight EMA momentum (0: no EMA).")
+    l2_weight_decay: float = _field(
+        4e-5, "EfficientDet's weight decay: wd/2 * sum(kernel**2) added to the loss (gradient wd * kernel, "
+        "through the momentum); BatchNorm and biases excluded. 0: off.")
+    weight_decay: float = _field(
+        0.0, "Decoupled weight decay (AdamW's: w -= lr * wd * w after the update, outside the momentum); "
+        "BatchNorm and biases excluded. 0: off.")
+    global_clipnorm: float = _field(
+        10.0, "Clip the gradient of the global batch (all replicas summed) to this global norm (0: off).")
+    ema_momentum: float = _field(
+        0.9998, "Momentum of the EMA of the weights and BatchNorm statistics, warmed up as "
+        "min(m, (1+t)/(10+t)) at step t (0: no EMA).")
     epochs: int = _field(300, "Training epochs.")
     steps_per_epoch: int = _field(0, "Steps per epoch (0: the largest dataset seen once).")
     warmup_epochs: float = _field(1.0, "Linear LR warmup length in epochs.")

@@ -19,19 +19,15 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import keras
 import tensorflow as tf
 from absl import logging
 
 from effdet_tf import callbacks as callbacks_lib
-from effdet_tf import checkpoint, evaluation
+from effdet_tf import checkpoint, evaluation, optimization
 from effdet_tf.config import Config, ConfigError, check_replicas, classes_from_label_map
-
-# EfficientDet warms up from lr_warmup_init = 0.008 to 0.08: 10% of the peak
-# (google/automl efficientdet/hparams_config.py).
-WARMUP_START_FRACTION = 0.1
-
 
 # ---------------------------------------------------------------- strategy
 def make_strategy(name):
@@ -224,55 +220,15 @@ def set_sync_batchnorm(model):
     logging.info("Synchronised BatchNorm in %d layers.", n)
 
 
-def no_decay_variables(model):
-    """BatchNorm gammas/betas and biases: EfficientDet decays neither
-    (google/automl efficientdet/det_model_fn.py, reg_l2_loss)."""
-    out = []
-    for layer in _layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            out += [v for v in (layer.gamma, layer.beta) if v is not None]
-        bias = getattr(layer, "bias", None)
-        if isinstance(bias, keras.Variable):
-            out.append(bias)
-    return out
-
-
-def make_optimizer(config: Config, model, steps_per_epoch):
-    t = config.train
-    total = steps_per_epoch * t.epochs
-    peak = t.learning_rate * config.data.images_per_step / t.lr_reference_batch
-    warmup = min(t.warmup_steps(steps_per_epoch), max(total - 1, 0))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=peak * WARMUP_START_FRACTION if warmup else peak,
-        decay_steps=max(total - warmup, 1), alpha=0.0,
-        warmup_target=peak if warmup else None, warmup_steps=warmup)
-    common = dict(learning_rate=schedule, weight_decay=t.weight_decay or None,
-                  global_clipnorm=t.global_clipnorm or None,
-                  use_ema=t.ema_momentum > 0, ema_momentum=t.ema_momentum or 0.99)
-    if t.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(momentum=t.momentum, **common)
-    elif t.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(beta_1=t.momentum, **common)
-    else:
-        optimizer = keras.optimizers.AdamW(beta_1=t.momentum, **common)
-    if t.weight_decay:
-        optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
-    logging.info("%s: peak LR %.5g (%g per %d images x %d images/step), warmup %d steps, cosine over %d steps.",
-                 t.optimizer, peak, t.learning_rate, t.lr_reference_batch, config.data.images_per_step,
-                 warmup, total)
-    if t.precision == "mixed_float16":
-        # Dynamic loss scaling; a step with non-finite gradients is skipped.
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
 def build_model(config: Config, strategy, steps_per_epoch):
     with strategy.scope():
         detector = checkpoint.build_detector(config)
         if config.train.sync_batchnorm:
             set_sync_batchnorm(detector)
-        optimizer = make_optimizer(config, detector, steps_per_epoch)
-        detector.compile(optimizer=optimizer)
+        optimizer = optimization.make_optimizer(config.train, detector, config.data.images_per_step,
+                                                steps_per_epoch)
+        detector.compile(optimizer=optimizer, l2_weight_decay=config.train.l2_weight_decay,
+                         l2_variables=optimization.decay_variables(detector))
         optimizer.build(detector.trainable_variables)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # Keras 3.15's TF trainer all-reduces the first batch to build the
@@ -300,6 +256,16 @@ def prepare(config: Config):
     chief = is_chief(strategy)
     checkpoint.prepare_model_dir(config, write=chief)
     return config, strategy, chief
+
+
+def fit_verbosity(verbose, stream=None):
+    """--verbose=-1: Keras's live bar on a terminal; one line per fit epoch
+    (checkpoint interval) when stdout is a file, where the bar's per-step
+    redraws would fill the log (the demo's 6-minute log was 380 KB)."""
+    if verbose >= 0:
+        return verbose
+    stream = stream or sys.stdout
+    return 1 if getattr(stream, "isatty", lambda: False)() else 2
 
 
 def train(config: Config, strategy, chief=True, evaluate_during=True):
@@ -338,7 +304,7 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
         step_now = counter.step
         metrics = mean = None
         if eval_sets and (epoch % t.eval_every_epochs == 0 or last):
-            with checkpoint.ema_weights(model):
+            with optimization.averaged_weights(model):
                 metrics, mean = evaluator(model, step_now)
             history["eval"].append({"epoch": epoch, "step": step_now, "metrics": metrics, "mean_ap": mean})
         if chief:
@@ -359,7 +325,7 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
     ]
     dataset = train_data(config, model, start_step=step)
     fit = model.fit(dataset, epochs=total_chunks, initial_epoch=initial_chunk, steps_per_epoch=chunk,
-                    callbacks=cbs, verbose=t.verbose, shuffle=False)
+                    callbacks=cbs, verbose=fit_verbosity(t.verbose), shuffle=False)
     if not chief:
         shutil.rmtree(log_dir, ignore_errors=True)
     if watcher.failed:
