@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from pycocotools.coco import COCO
 
-from effdet_tf.data import coco_tfrecord
+from effdet_tf.data import coco_tfrecord, data_cache
 from effdet_tf.data.coco_checks import ConversionError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -375,30 +375,153 @@ def test_cli_coco_root_and_output_inside_source(bad):
     assert coco_tfrecord.main([f"--coco_root={root}", f"--output_dir={out}", "--no_progress",
                                "--num_shards=2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "label_map.json", "report_train.json", "train-00000-of-00002.tfrecord",
+        "label_map.json", "report_train.json", "splits.json", "train-00000-of-00002.tfrecord",
         "train-00001-of-00002.tfrecord", "train_annotations.json"]
 
 
 def test_ensure_tfrecords_caches(bad, tmp_path, capsys):
     root, _, _ = bad
     cache = tmp_path / "cache"
-    first = coco_tfrecord.ensure_tfrecords(root, cache, name="bad", progress=False,
+    first = data_cache.ensure_tfrecords(root, cache, name="bad", progress=False,
                                            verbose=False)
     assert first.parent == cache and first.name.startswith("bad-")
     shard = next(first.glob("*.tfrecord"))
     mtime = shard.stat().st_mtime_ns
-    assert coco_tfrecord.ensure_tfrecords(root, cache, name="bad") == first
+    assert data_cache.ensure_tfrecords(root, cache, name="bad") == first
     assert shard.stat().st_mtime_ns == mtime  # not converted again
-    assert coco_tfrecord.ensure_tfrecords(first, tmp_path / "other") == first  # as is
+    assert data_cache.ensure_tfrecords(first, tmp_path / "other") == first  # as is
     _mutate(root, lambda c: c["annotations"].pop())
-    second = coco_tfrecord.ensure_tfrecords(root, cache, name="bad", progress=False,
+    second = data_cache.ensure_tfrecords(root, cache, name="bad", progress=False,
                                             verbose=False)
     assert second != first and second.is_dir()
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
     # The older conversion is reported, not deleted (another run may use it).
     assert f"older conversion(s) of 'bad'" in capsys.readouterr().out
     assert first.is_dir()
-    assert coco_tfrecord.stale_conversions(second, "bad") == [first]
-    assert coco_tfrecord.stale_conversions(second, "ba") == []
-    with pytest.raises(ConversionError, match="neither"):
-        coco_tfrecord.ensure_tfrecords(tmp_path, cache)
+    assert data_cache.stale_conversions(second, "bad") == [first]
+    assert data_cache.stale_conversions(second, "ba") == []
+    with pytest.raises(ConversionError, match="no dataset layout found.*nor is it converted"):
+        data_cache.ensure_tfrecords(tmp_path, cache)
+
+
+# ------------------------------------------------ layouts and placeholder categories
+
+PETS = [{"id": 0, "name": "pets", "supercategory": "none"},  # Roboflow's placeholder
+        {"id": 3, "name": "cat", "supercategory": "pets"},
+        {"id": 1, "name": "dog", "supercategory": "pets"}]
+
+
+def _split_json(folder, json_path, n_images, first_id, categories=PETS):
+    """n_images noise JPEGs in `folder`, each with a dog (id 1) and a cat (id 3)."""
+    images, anns = [], []
+    for k in range(n_images):
+        image_id, name = first_id + k, f"img{first_id + k}.jpg"
+        _write(folder / name, cv2.imencode(".jpg", _noise_image(48, 64, seed=image_id))[1].tobytes())
+        images.append({"id": image_id, "file_name": name, "height": 48, "width": 64})
+        for cat, bbox in ((1, [2, 2, 20, 20]), (3, [30, 10, 30, 30])):
+            anns.append({"id": 100 * image_id + cat, "image_id": image_id, "category_id": cat,
+                         "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0})
+    coco = {"info": {"description": "pets"}, "images": images, "annotations": anns,
+            "categories": categories}
+    _write(json_path, json.dumps(coco).encode())
+    return coco
+
+
+def _roboflow_root(root, splits=(("train", 3), ("valid", 2), ("test", 1))):
+    """A Roboflow COCO JSON export: <split>/_annotations.coco.json beside its images.
+    Image ids restart at 0 in each split, as Roboflow writes them."""
+    return {s: _split_json(root / s, root / s / "_annotations.coco.json", n, 0)
+            for s, n in splits}
+
+
+def test_roboflow_export_every_split_placeholder_left_out(tmp_path, capsys):
+    root, out = tmp_path / "pets", tmp_path / "out"
+    cocos = _roboflow_root(root)
+    before = _snapshot(root)
+    reports = coco_tfrecord.convert_root(root, out, num_workers=1, progress=False)
+    printed = capsys.readouterr().out
+    assert _snapshot(root) == before
+
+    # Ids as COCO gives them, contiguous indices by id; placeholder 0 absent.
+    label_map = json.loads((out / "label_map.json").read_text())
+    assert label_map["classes"] == [{"index": 0, "id": 1, "name": "dog"},
+                                    {"index": 1, "id": 3, "name": "cat"}]
+    # valid is the evaluation split, written as val; test under its own name.
+    assert set(reports) == {"train", "val", "test"}
+    splits = json.loads((out / "splits.json").read_text())
+    assert (splits["layout"], splits["train"], splits["eval"]) == ("roboflow", "train", "valid")
+    assert {n: s["written_as"] for n, s in splits["splits"].items()} == {
+        "train": "train", "valid": "val", "test": "test"}
+    for written, source in (("train", "train"), ("val", "valid"), ("test", "test")):
+        report = reports[written]
+        n = len(cocos[source]["images"])
+        assert report["images"] == {"in_json": n, "written": n, "negatives": 0, "skipped": 0}
+        assert report["annotations"]["written"] == 2 * n
+        assert report["counts"] == {"placeholder_category": 1}
+        assert report["categories"] == {"in_json": 3, "in_label_map": 2,
+                                        "left_out": [{"id": 0, "name": "pets"}]}
+        assert report["annotations_file"] == str(root / source / "_annotations.coco.json")
+        gt = json.loads((out / f"{written}_annotations.json").read_text())
+        assert [c["id"] for c in gt["categories"]] == [1, 3]
+        assert sorted(im["file_name"] for im in gt["images"]) == sorted(
+            im["file_name"] for im in cocos[source]["images"])
+        records = _records(out, written)
+        assert len(records) == n
+        assert all(list(r["image/object/class/label"]) == [0, 1] for r in records.values())
+    assert "evaluates on 'valid'" in printed
+    assert "category 0 'pets' left out of the label map" in printed
+    assert f"report: {out / 'report_val.json'}" in printed
+
+
+def test_placeholder_rule(tmp_path):
+    def label_ids(categories, used=()):
+        root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        coco = _split_json(root / "train", root / "train" / "_annotations.coco.json", 1, 0,
+                           categories)
+        for cat in used:
+            coco["annotations"][0]["category_id"] = cat
+        (root / "train" / "_annotations.coco.json").write_text(json.dumps(coco))
+        report = coco_tfrecord.convert_root(root, tmp_path / f"{root.name}-out", num_workers=1,
+                                            progress=False, verbose=False)["train"]
+        label_map = json.loads((tmp_path / f"{root.name}-out" / "label_map.json").read_text())
+        assert report["counts"].get("placeholder_category", 0) == 3 - len(label_map["classes"])
+        return [c["id"] for c in label_map["classes"]]
+
+    assert label_ids(PETS) == [1, 3]
+    # A box of the placeholder's id makes it a class.
+    assert label_ids(PETS, used=[0]) == [0, 1, 3]
+    # Not the supercategory of every other category: a class (with no box).
+    assert label_ids([PETS[0], PETS[1], {**PETS[2], "supercategory": "animals"}]) == [0, 1, 3]
+    # COCO's own categories have supercategories that are not categories.
+    assert label_ids([{**c, "supercategory": "animal"} for c in PETS]) == [0, 1, 3]
+
+
+def test_single_json_leaves_the_placeholder_out(tmp_path):
+    root = tmp_path / "pets"
+    _roboflow_root(root, (("train", 2),))
+    report = coco_tfrecord.convert_coco(root / "train" / "_annotations.coco.json", root / "train",
+                                        tmp_path / "out", "train", num_workers=1, progress=False,
+                                        verbose=False)
+    assert report["counts"] == {"placeholder_category": 1}
+    assert [c["id"] for c in json.loads((tmp_path / "out" / "label_map.json").read_text())[
+        "classes"]] == [1, 3]
+    # A root's split by name, whatever the layout.
+    assert coco_tfrecord.convert_coco(root, None, tmp_path / "out2", "train", num_workers=1,
+                                      progress=False, verbose=False)["images"]["written"] == 2
+
+
+def test_instances_split_layout_and_cli_val_split(tmp_path):
+    root, out = tmp_path / "pets", tmp_path / "out"
+    for k, split in enumerate(("train", "valid", "holdout")):
+        _split_json(root / split, root / "annotations" / f"instances_{split}.json", 2, 10 * k,
+                    PETS[1:])
+    assert coco_tfrecord.main([f"--coco_root={root}", f"--output_dir={out}", "--no_progress",
+                               "--val_split=holdout", "--num_workers=1"]) == 0
+    splits = json.loads((out / "splits.json").read_text())
+    assert (splits["layout"], splits["eval"]) == ("coco", "holdout")
+    assert {n: s["written_as"] for n, s in splits["splits"].items()} == {
+        "train": "train", "valid": "valid", "holdout": "val"}
+    assert sorted(_records(out, "val")) == [20, 21]  # holdout's image ids
+    assert sorted(_records(out, "valid")) == [10, 11]
+    assert coco_tfrecord.main([f"--coco_root={root}", f"--output_dir={tmp_path / 'x'}",
+                               "--no_progress", "--val_split=test"]) == 1

@@ -27,7 +27,8 @@ import cv2
 import numpy as np
 
 # reason -> (kind, description). kind: "skip" (image left out), "drop"
-# (annotation left out), "fix" (kept after a change), "kept" (kept as is).
+# (annotation left out), "fix" (kept after a change), "kept" (kept as is),
+# "category" (a category left out of the label map).
 REASONS = {
     "missing_file": ("skip", "image file not found"),
     "unreadable_image": ("skip", "unreadable or corrupt image file"),
@@ -54,6 +55,7 @@ REASONS = {
     "kept_unusable": ("kept", "every annotation invalid: kept (--keep_unusable)"),
     "negative_image": ("kept", "no annotations: kept as a negative"),
     "crowd": ("kept", "crowd annotation: kept with is_crowd=1 (no training target)"),
+    "placeholder_category": ("category", "supercategory of the others, no box: not a class"),
 }
 SKIP_REASONS = frozenset(r for r, (kind, _) in REASONS.items() if kind in ("skip", "drop"))
 _CLIP_TOLERANCE = 1e-3  # px; below this a clip is float noise, not worth a report line
@@ -117,6 +119,24 @@ def make_label_map(categories, name, source):
     cats = sorted(categories, key=lambda c: c["id"])
     return {"name": name, "classes": [{"index": i, "id": c["id"], "name": c["name"]}
                                       for i, c in enumerate(cats)]}
+
+
+def placeholder_categories(categories, annotation_lists):
+    """The categories that only group the others: Roboflow's COCO export adds
+    one (id 0, named after the project) that every other category names as
+    its supercategory and no box uses. As a class it would only give the head
+    an output no image teaches, so the label map leaves it out (reported).
+
+    Args:
+      categories: COCO category dicts (the union of the splits').
+      annotation_lists: every split's annotations: a category some box
+        (valid or not) uses is a class, whatever its supercategory.
+    """
+    used = {a.get("category_id") for anns in annotation_lists for a in anns
+            if isinstance(a.get("category_id"), (int, str))}
+    return [c for c in categories
+            if len(categories) > 1 and c["id"] not in used
+            and all(o.get("supercategory") == c["name"] for o in categories if o is not c)]
 
 
 def union_categories(cocos):

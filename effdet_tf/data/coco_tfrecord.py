@@ -1,10 +1,15 @@
 """COCO json + image folder -> sharded TFRecords, a label map and a report.
 
-    python -m effdet_tf.data.coco_tfrecord --coco_root=DATA/appliance --output_dir=OUT
+    python -m effdet_tf.data.coco_tfrecord --coco_root=DATA/appliance --output_dir=OUT \\
+        [--val_split=test]
     python -m effdet_tf.data.coco_tfrecord --annotations_file=A.json \\
         --image_dir=IMAGES --output_dir=OUT --split=train [--num_shards=N] [--strict]
 
-Writes `OUT/<split>-0000k-of-0000N.tfrecord` (tf.Example keys as the TF Object
+--coco_root takes any layout effdet_tf.data.layouts finds (COCO 2017,
+annotations/instances_<split>.json, a Roboflow export) and converts every
+split: the training split as `train`, the evaluation split as `val`, others
+under their own names, recorded in `OUT/splits.json`. Writes
+`OUT/<split>-0000k-of-0000N.tfrecord` (tf.Example keys as the TF Object
 Detection API's create_coco_tf_record.py names them; `image/object/class/label`
 is the contiguous index 0..C-1), `OUT/label_map.json` (index -> COCO id and
 name, sorted by COCO id), `OUT/<split>_annotations.json` (the COCO json of
@@ -18,26 +23,23 @@ number of workers.
 """
 
 import argparse
-import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
-import shutil
 import sys
 from pathlib import Path
 
 import tensorflow as tf
 from tqdm import tqdm
 
-from effdet_tf.data import coco_checks
+from effdet_tf.data import coco_checks, layouts
 from effdet_tf.data.coco_checks import REASONS, SKIP_REASONS, ConversionError
 
 # Bump when the output of the same input changes: invalidates ensure_tfrecords' cache.
-CONVERTER_VERSION = "1"
-SPLITS = ("train", "val")
+CONVERTER_VERSION = "2"  # 2: any layout, every split, placeholder categories left out
 _SHARD_BYTES = 128 << 20  # ~100-200 MB shards, as the tf.data performance guide suggests
 _MAX_LISTED = 50  # problems listed per reason in the report (counts stay complete)
+SPLITS_FILE = "splits.json"  # convert_root: which source split became train, val, ...
 
 
 def _feature(values, kind):
@@ -104,15 +106,24 @@ def _map_ordered(fn, items, num_workers, desc, progress):
         yield from tqdm(pool.imap(fn, items, chunksize=8), **bar)
 
 
+def _check_outside(out, sources):
+    o = Path(out).resolve()
+    for source in {Path(p).resolve() for p in sources}:
+        if o == source or source in o.parents:
+            raise ConversionError(f"output_dir {out} is inside the source folder {source}:"
+                                  " the source is never written to")
+
+
 def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="train",
                  num_shards=None, strict=False, keep_unusable=False, num_workers=None,
-                 name=None, categories=None, progress=True, verbose=True, coco=None):
+                 name=None, categories=None, left_out=(), progress=True, verbose=True,
+                 coco=None):
     """Converts one split; returns the report dict (also saved as report_<split>.json).
 
     Args:
-      coco_root_or_json: a COCO root (annotations/instances_<split>2017.json and
-        <split>2017/ inside) or the annotations json itself.
-      image_dir: image folder (default: <root>/<split>2017 for a root).
+      coco_root_or_json: a dataset root in a layout effdet_tf.data.layouts
+        knows (its split named `split`) or the annotations json itself.
+      image_dir: image folder (default: the split's, for a root).
       output_dir: where shards, label_map.json, <split>_annotations.json and
         report_<split>.json go. Must not be inside the source folder.
       split: "train" or "val" (any name works; it prefixes the outputs).
@@ -123,7 +134,10 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
       num_workers: processes decoding images (default: all cores).
       name: dataset name for label_map.json (default: the root folder's name).
       categories: COCO category dicts defining the label map (default: the
-        json's); convert_root passes the union of train and val.
+        json's less placeholder categories); convert_root passes the union of
+        every split's.
+      left_out: placeholder categories convert_root left out of `categories`
+        (reported in the splits whose json lists them).
       coco: the json already loaded by coco_checks.load_coco (saves a re-read).
 
     Raises:
@@ -132,8 +146,9 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
     """
     src = Path(coco_root_or_json)
     if src.is_dir():
-        ann_file = src / "annotations" / f"instances_{split}2017.json"
-        image_dir = Path(image_dir) if image_dir else src / f"{split}2017"
+        found = layouts.split_of(src, split)
+        ann_file = found.annotations
+        image_dir = Path(image_dir) if image_dir else found.image_dir
         name = name or src.name
     else:
         ann_file = src
@@ -144,16 +159,12 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
     if output_dir is None:
         raise ConversionError("output_dir is required")
     out = Path(output_dir)
-    sources = {image_dir.resolve(), ann_file.resolve().parent}
-    if src.is_dir():
-        sources.add(src.resolve())
-    for source in sources:
-        o = out.resolve()
-        if o == source or source in o.parents:
-            raise ConversionError(f"output_dir {out} is inside the source folder {source}:"
-                                  " the source is never written to")
+    _check_outside(out, [image_dir, ann_file.parent] + ([src] if src.is_dir() else []))
     coco = coco or coco_checks.load_coco(ann_file)
-    label_map = coco_checks.make_label_map(categories or coco["categories"], name, ann_file)
+    if categories is None:
+        left_out = coco_checks.placeholder_categories(coco["categories"], [coco["annotations"]])
+        categories = [c for c in coco["categories"] if c not in left_out]
+    label_map = coco_checks.make_label_map(categories, name, ann_file)
     out.mkdir(parents=True, exist_ok=True)
     label_map_path = out / "label_map.json"
     if label_map_path.exists():
@@ -167,6 +178,11 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
     images = coco["images"]
     anns_of = {im["id"]: [] for im in images}
     report = _Report()
+    listed = {c["id"] for c in coco["categories"]}
+    left_out = [c for c in left_out if c["id"] in listed]
+    for c in left_out:
+        report.add("placeholder_category", str(ann_file),
+                   detail=f"category {c['id']} {c['name']!r} left out of the label map")
     for ann in coco["annotations"]:
         if ann["image_id"] in anns_of:
             anns_of[ann["image_id"]].append(ann)
@@ -246,6 +262,9 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
         "annotations": {"in_json": len(coco["annotations"]), "written": len(kept_anns),
                         "crowd": sum(a.get("iscrowd", 0) == 1 for a in kept_anns),
                         "dropped": len(coco["annotations"]) - len(kept_anns)},
+        "categories": {"in_json": len(coco["categories"]),
+                       "in_label_map": len(label_map["classes"]),
+                       "left_out": [{"id": c["id"], "name": c["name"]} for c in left_out]},
         "boxes_per_class": {c["name"]: n for c, n in zip(label_map["classes"], per_class)},
         "counts": dict(sorted(report.counts.items())),
         "problems": report.listed,
@@ -278,8 +297,7 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
     evaluator_json = {k: v for k, v in coco.items()
                       if k not in ("images", "annotations", "categories")}
     evaluator_json.update(images=kept_images, annotations=kept_anns,
-                          categories=sorted(categories or coco["categories"],
-                                            key=lambda c: c["id"]))
+                          categories=sorted(categories, key=lambda c: c["id"]))
     (out / f"{split}_annotations.json").write_text(json.dumps(evaluator_json))
     label_map_path.write_text(_label_map_text(label_map))
     if verbose:
@@ -311,6 +329,8 @@ def print_report(summary, path=None):
           f" {an['dropped']} dropped)")
     for reason, n in summary["counts"].items():
         print(f"  {n:7d}  {reason:32s} {REASONS.get(reason, ('', ''))[1]}")
+    for c in summary.get("categories", {}).get("left_out", []):
+        print(f"    category {c['id']} {c['name']!r} left out of the label map")
     # One example of each skip/drop first: those are what a user must look at.
     shown = [p for p in summary["problems"] if p["reason"] in SKIP_REASONS]
     shown = list({p["reason"]: p for p in reversed(shown)}.values())[::-1][:10]
@@ -320,104 +340,58 @@ def print_report(summary, path=None):
         print(f"  report: {path}")
 
 
-def convert_root(coco_root, output_dir, name=None, **kwargs):
-    """Converts the train and val splits of a COCO root (users' layout) into
-    output_dir with one label map (the union of both splits' categories)."""
-    root = Path(coco_root)
-    splits = [s for s in SPLITS if (root / "annotations" / f"instances_{s}2017.json").exists()]
-    if not splits:
-        raise ConversionError(f"{root}: no annotations/instances_{{train,val}}2017.json")
-    cocos = {s: coco_checks.load_coco(root / "annotations" / f"instances_{s}2017.json")
-             for s in splits}
-    cats = coco_checks.union_categories([(root / "annotations", c) for c in cocos.values()])
-    return {s: convert_coco(root, None, output_dir, s, categories=cats, coco=cocos[s],
-                            name=name or root.name, **kwargs) for s in splits}
+def print_reports(folder, splits):
+    """Prints the saved reports of `splits` found in `folder`, naming them
+    where they are (after any rename)."""
+    for split in splits:
+        path = Path(folder) / f"report_{split}.json"
+        if path.is_file():
+            print_report(json.loads(path.read_text()), path)
 
 
-def _fingerprint(root, options):
-    """Hash of the json bytes, the image folders' listings (name, size, mtime)
-    and the options: changes whenever a conversion's output could."""
-    h = hashlib.sha256(f"{CONVERTER_VERSION}{sorted(options.items())}".encode())
-    for s in SPLITS:
-        ann = root / "annotations" / f"instances_{s}2017.json"
-        if ann.exists():
-            h.update(ann.read_bytes())
-        images = root / f"{s}2017"
-        if images.is_dir():
-            for e in sorted(os.scandir(images), key=lambda e: e.name):
-                st = e.stat()
-                h.update(f"{s}/{e.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
+def convert_root(root, output_dir, name=None, val_split="", layout=None, **kwargs):
+    """Converts every split of a dataset root into output_dir with one label
+    map: the union of the splits' categories less placeholder categories.
 
-
-def is_converted(path):
-    path = Path(path)
-    return (path / "label_map.json").is_file() and any(path.glob("*.tfrecord"))
-
-
-def ensure_tfrecords(path, cache_dir, name=None, **kwargs):
-    """Returns a folder of TFRecords for `path` (train.py's --dataset=NAME=PATH).
-
-    An already converted folder (label_map.json + *.tfrecord) is used as is.
-    A COCO root is converted (both splits) into cache_dir/<name>-<fingerprint>
-    unless that folder already exists, i.e. was made from the same jsons,
-    image listings and options; the source is only read.
+    The root's layout (effdet_tf.data.layouts: COCO, instances_<split>,
+    Roboflow) names the outputs: the training split is written as `train`,
+    the evaluation split (`val_split`, else val / valid / test) as `val`, the
+    others under their own names; `splits.json` says which source split each
+    came from. Returns {written name: report}.
     """
-    path = Path(path)
-    if is_converted(path):
-        return path
-    if not (path / "annotations").is_dir():
-        raise ConversionError(f"{path}: neither converted TFRecords (label_map.json +"
-                              " *.tfrecord) nor a COCO root (annotations/ folder)")
-    name = name or path.name
-    options = {k: v for k, v in kwargs.items() if k in ("num_shards", "strict", "keep_unusable")}
-    target = Path(cache_dir) / f"{name}-{_fingerprint(path, options)}"
-    if not is_converted(target):
-        _convert_into(path, target, name, kwargs)
-    _report_stale(target, name)
-    return target
-
-
-def stale_conversions(target, name):
-    """Other converted <name>-<fingerprint> folders beside `target`: made
-    from earlier versions of the data or other options."""
-    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{16}")
-    return sorted(p for p in Path(target).parent.iterdir()
-                  if p != Path(target) and pattern.fullmatch(p.name)
-                  and is_converted(p))
-
-
-def _report_stale(target, name):
-    """Says which older conversions of this dataset take disk space. They
-    are not deleted: another run may still read them (other options)."""
-    stale = stale_conversions(target, name)
-    if stale:
-        size = sum(f.stat().st_size for p in stale for f in p.iterdir() if f.is_file())
-        print(f"note: {len(stale)} older conversion(s) of {name!r} beside {target} "
-              f"({size / 2**20:.1f} MiB), from earlier data or options; delete "
-              f"them when no run needs them: {', '.join(p.name for p in stale)}")
-
-
-def _convert_into(path, target, name, kwargs):
-    """Converts COCO root `path` into `target` (created whole or not at all)."""
-    # Convert next to the target, then rename: a crash or a concurrent worker
-    # never leaves a half-written folder under the final name.
-    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    root = Path(root)
+    layout = layout or layouts.find_layout(root, val_split)
+    name = name or root.name
+    _check_outside(output_dir, [root])
+    verbose = kwargs.pop("verbose", True)
+    if verbose:
+        print(f"[{name}] {layout.describe()}")
+    cocos = {s.name: coco_checks.load_coco(s.annotations) for s, _ in layout.converted}
+    cats = coco_checks.union_categories([(s.annotations, cocos[s.name])
+                                         for s, _ in layout.converted])
+    left_out = coco_checks.placeholder_categories(cats, [c["annotations"] for c in cocos.values()])
+    kept = [c for c in cats if c not in left_out]
+    reports = {}
     try:
-        convert_root(path, tmp, name=name, **kwargs)
-        os.replace(tmp, target)
-    except OSError:
-        if not is_converted(target):  # not a concurrent twin that won the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for s, written in layout.converted:
+            reports[written] = convert_coco(
+                s.annotations, s.image_dir, output_dir, written, name=name, categories=kept,
+                left_out=left_out, coco=cocos[s.name], verbose=False, **kwargs)
+    finally:  # a failed split's report too: it says why
+        if verbose:
+            print_reports(output_dir, [w for _, w in layout.converted])
+    (Path(output_dir) / SPLITS_FILE).write_text(json.dumps(layout.to_json(), indent=1) + "\n")
+    return reports
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="COCO json + images -> sharded TFRecords + label_map.json + report.")
-    p.add_argument("--coco_root", help="COCO root: converts its train and val splits")
+    p.add_argument("--coco_root", help="dataset root (COCO: annotations/instances_<split>.json"
+                   " + <split>/; Roboflow: <split>/_annotations.coco.json): converts every split")
+    p.add_argument("--val_split", default="",
+                   help="with --coco_root: the split written as val (default: val, else valid,"
+                   " else test)")
     p.add_argument("--annotations_file", help="one split's COCO json (with --image_dir)")
     p.add_argument("--image_dir", help="the images of --annotations_file")
     p.add_argument("--output_dir", required=True)
@@ -434,12 +408,12 @@ def main(argv=None):
                 keep_unusable=a.keep_unusable, progress=not a.no_progress)
     try:
         if a.coco_root and not a.annotations_file:
-            convert_root(a.coco_root, a.output_dir, name=a.name, **opts)
-        elif a.annotations_file and a.image_dir and not a.coco_root:
+            convert_root(a.coco_root, a.output_dir, name=a.name, val_split=a.val_split, **opts)
+        elif a.annotations_file and a.image_dir and not a.coco_root and not a.val_split:
             convert_coco(a.annotations_file, a.image_dir, a.output_dir, a.split,
                          name=a.name, **opts)
         else:
-            p.error("give --coco_root, or --annotations_file with --image_dir")
+            p.error("give --coco_root [--val_split], or --annotations_file with --image_dir")
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
