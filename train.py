@@ -26,7 +26,10 @@ def main(argv):
     except ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
-    from effdet_tf import callbacks, checkpoint, train_lib  # imports TensorFlow: after the flag checks
+    from effdet_tf.tf_startup import import_tensorflow
+
+    import_tensorflow()  # after the flag checks; without a CPU-only machine's CUDA notices
+    from effdet_tf import callbacks, checkpoint, train_lib
 
     try:
         result = train_lib.run(config)
