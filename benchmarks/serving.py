@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from effdet_tf import export_lib  # noqa: E402
+from effdet_tf.config import PostprocessConfig  # noqa: E402
 from effdet_tf.modeling.detector import Detector  # noqa: E402
 
 HEADS = {"appliance": 5, "food": 10}
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--width_multiplier", type=float, default=1.0)
     p.add_argument("--pre_nms_topk", type=int, default=1000)
     p.add_argument("--max_detections", type=int, default=100)
+    p.add_argument("--nms_method", choices=["hard", "gaussian"], default=PostprocessConfig().nms_method)
     p.add_argument("--detection_load", choices=["worst", "prior"], default="worst")
     p.add_argument("--variants", default="network,food,all,all_bytes,pre,post")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -108,6 +110,8 @@ def main(argv=None):
     detector = build_detector(args)
     network = tf.function(lambda x: detector(x, training=False), autograph=False)
 
+    settings = PostprocessConfig(pre_nms_topk=args.pre_nms_topk, max_detections=args.max_detections,
+                                 nms_method=args.nms_method)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         path = export_lib.export_detector(
@@ -115,8 +119,7 @@ def main(argv=None):
             {name: {"classes": [{"index": i, "id": 100 + i, "name": f"{name}{i}"} for i in range(n)]}
              for name, n in HEADS.items()},
             tmp,
-            pre_nms_topk=args.pre_nms_topk,
-            max_detections=args.max_detections,
+            postprocess_config=settings,
         )
         export_seconds = time.perf_counter() - start
         loaded = tf.saved_model.load(path)
@@ -125,7 +128,7 @@ def main(argv=None):
     # the network replaced by fixed outputs.
     label_maps = {name: {"classes": [{"index": i, "id": 100 + i, "name": f"{name}{i}"} for i in range(n)]}
                   for name, n in HEADS.items()}
-    serving = export_lib._Serving(detector, label_maps, 0.05, 0.5, args.max_detections, args.pre_nms_topk)
+    serving = export_lib._Serving(detector, label_maps, settings)
     pre = tf.function(lambda u: export_lib._preprocess_images(u, args.image_size), autograph=False)
     fixed = {}
     serving.network = lambda images, names: {n: fixed["outputs"][n] for n in names}
@@ -140,7 +143,7 @@ def main(argv=None):
         "all_bytes": lambda x: loaded.signatures["all_bytes"](image_bytes=x["bytes"]),
     }
     results = {"image_size": args.image_size, "width_multiplier": args.width_multiplier,
-               "pre_nms_topk": args.pre_nms_topk, "detection_load": args.detection_load,
+               "pre_nms_topk": args.pre_nms_topk, "nms_method": args.nms_method, "detection_load": args.detection_load,
                "export_seconds": round(export_seconds, 1), "batches": {}}
     for batch in batches:
         inputs = make_inputs(args, batch)

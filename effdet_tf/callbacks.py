@@ -172,30 +172,45 @@ class EpochEnd(keras.callbacks.Callback):
 class Evaluator:
     """COCO mAP per dataset with EMA weights; TensorBoard scalars and images;
     best (by mean AP) and last EMA checkpoints. Used by the training
-    callback and by --mode=eval."""
+    callback and by --mode=eval.
+
+    Detections come from config.postprocess at its eval_score_threshold:
+    the export signatures' settings, so the AP is the served model's. The
+    detections each evaluation scored are written to
+    `log_dir/<dataset>_detections.json` (log_dir is MODEL_DIR/eval), and
+    the log says how many score above the export's score_threshold, i.e.
+    what the exported model would return for the same images."""
 
     def __init__(self, config, eval_datasets, log_dir, is_chief=True, draw=True):
         self.config = config
         self.eval_datasets = eval_datasets  # {name: (tf.data eval dataset, CocoEvaluator)}
         self.writer = tf.summary.create_file_writer(log_dir) if is_chief else None
+        self.log_dir = log_dir
         self.is_chief = is_chief
         self.draw = draw
         self._detect_fns = {}
+        self.served = {}  # {name: evaluation.served_share(...)} of the last call
 
     def __call__(self, model, step):
-        t = self.config.train
+        t, post = self.config.train, self.config.postprocess
         metrics, samples = {}, {}
         for name, (dataset, coco_evaluator) in self.eval_datasets.items():
             key = (id(model), name)
             if key not in self._detect_fns:
-                self._detect_fns[key] = evaluation.make_detect_fn(
-                    model, name, t.eval_score_threshold, t.eval_iou_threshold, t.eval_max_detections)
+                self._detect_fns[key] = evaluation.make_detect_fn(model, name, post.eval_kwargs())
             metrics[name], samples[name] = evaluation.evaluate(
                 model, dataset, coco_evaluator, name, keep_images=t.tensorboard_images,
                 detect_fn=self._detect_fns[key])
+            self._write_detections(name, coco_evaluator)
         mean = evaluation.mean_ap(metrics)
         for name, m in metrics.items():
             logging.info("step %d %s: %s", step, name, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+            s = self.served[name]
+            logging.info(
+                "step %d %s: %d of %d detections score above the export's --score_threshold=%g (what the "
+                "exported model returns); %d of %d images keep at least one.", step, name,
+                s["served_detections"], s["detections"], post.score_threshold,
+                s["images_with_served_detections"], s["images"])
         logging.info("step %d mean AP %.4f", step, mean)
         if self.writer is not None:
             with self.writer.as_default(step=step):
@@ -210,6 +225,16 @@ class Evaluator:
                                              max_outputs=len(items))
             self.writer.flush()
         return metrics, mean
+
+    def _write_detections(self, name, coco_evaluator):
+        """MODEL_DIR/eval/<name>_detections.json (atomic: a reader never
+        sees half a file) and the share the export would keep."""
+        self.served[name] = evaluation.served_share(
+            coco_evaluator.results, coco_evaluator.image_ids, self.config.postprocess.score_threshold)
+        if not (self.is_chief and self.log_dir):
+            return
+        checkpoint.atomic_write_text(evaluation.detections_file(self.log_dir, name),
+                                     json.dumps(coco_evaluator.results))
 
     def drawings(self, name, items):
         """Ground truth (white) and detections (a colour per class, with

@@ -24,6 +24,7 @@ STRATEGIES = ("mirrored", "multi_worker", "one_device")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 BOX_LOSSES = ("huber", "giou", "ciou")
+NMS_METHODS = ("hard", "gaussian")
 
 
 class ConfigError(ValueError):
@@ -185,9 +186,6 @@ class TrainConfig:
     backbone_weights: str = _field("", "Darknet .weights file for the CSPDarknet53 backbone.")
     fresh_start: bool = _field(False, "Start over in a model dir that holds another run.")
     max_nonfinite_steps: int = _field(20, "Stop after this many consecutive steps with a non-finite loss.")
-    eval_score_threshold: float = _field(0.001, "Score threshold for COCO evaluation.")
-    eval_iou_threshold: float = _field(0.5, "NMS IoU threshold for evaluation.")
-    eval_max_detections: int = _field(100, "Detections per image for evaluation (COCO: 100).")
     tensorboard_images: int = _field(4, "Validation images per dataset drawn to TensorBoard.")
     export_after_training: bool = _field(False, "Export a SavedModel after training.")
     visualize_after_training: bool = _field(False, "Write a picture of detections after training.")
@@ -202,16 +200,76 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """What export.py needs beyond the model dir."""
+    """Where export.py writes (what it exports: PostprocessConfig)."""
 
     export_dir: str = _field("", "SavedModel root; versions go in numbered subfolders.")
     export_version: int = _field(0, "SavedModel version (0: next free).")
-    score_threshold: float = _field(0.05, "Export score threshold.")
-    iou_threshold: float = _field(0.5, "Export NMS IoU threshold.")
-    max_detections: int = _field(100, "Export detections per image.")
 
 
-SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("export", ExportConfig))
+@dataclasses.dataclass(frozen=True)
+class PostprocessConfig:
+    """Head outputs -> detections (ops/postprocess.py), ONE setting for
+    evaluation, Detector.detect and every export signature, so the mAP that
+    training reports is the served model's. The score threshold is the one
+    difference: COCO AP is computed over (nearly) every detection, serving
+    keeps the confident ones; a model exported with
+    --score_threshold=<eval_score_threshold> gives evaluation's detections.
+
+    nms_method "gaussian" is Soft-NMS (Bodla et al. 2017), the default of
+    google/automl's EfficientDet (nms_configs.method): overlapping boxes of
+    a class are down-weighted by exp(-IoU^2 / (2 * soft_nms_sigma)) (TF's
+    formula) instead of removed, and iou_threshold is not used. "hard" is
+    greedy NMS at iou_threshold. Gaussian is the default: on BCCD it gave
+    about twice hard NMS's AP with the same weights (BENCHMARKS.md); it
+    also keeps lowered duplicates of a box, which a display threshold above
+    their scores (or --nms_method=hard at export) hides."""
+
+    eval_score_threshold: float = _field(0.001, "Score threshold of COCO evaluation (the usual for AP).")
+    score_threshold: float = _field(
+        0.05, "Score threshold of the exported model (serving). Detections must score above it.")
+    nms_method: str = _field(
+        "gaussian", "Per-class NMS: gaussian (Soft-NMS; higher COCO AP, BENCHMARKS.md) or hard.", NMS_METHODS)
+    iou_threshold: float = _field(0.5, "Hard NMS: same-class boxes overlapping more than this are removed.")
+    soft_nms_sigma: float = _field(0.5, "Soft-NMS: score decay exp(-IoU^2 / (2 sigma)) (TF's soft_nms_sigma).")
+    pre_nms_topk: int = _field(1000, "(anchor, class) candidates per image kept, by score, before NMS.")
+    max_detections: int = _field(100, "Detections per image (COCO evaluation: 100).")
+
+    def kwargs(self, score_threshold: float) -> Dict[str, Any]:
+        """Keyword arguments of ops.postprocess.postprocess (and
+        Detector.detect) at `score_threshold`."""
+        return {
+            "score_threshold": float(score_threshold),
+            "iou_threshold": float(self.iou_threshold),
+            "max_detections": int(self.max_detections),
+            "pre_nms_topk": int(self.pre_nms_topk),
+            "nms_method": self.nms_method,
+            "soft_nms_sigma": float(self.soft_nms_sigma),
+        }
+
+    def eval_kwargs(self) -> Dict[str, Any]:
+        return self.kwargs(self.eval_score_threshold)
+
+    def serving_kwargs(self) -> Dict[str, Any]:
+        return self.kwargs(self.score_threshold)
+
+    def check(self):
+        for name in ("eval_score_threshold", "score_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"--{name}={value}: must be in [0, 1).")
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise ConfigError(f"--iou_threshold={self.iou_threshold}: must be in (0, 1].")
+        if self.soft_nms_sigma <= 0:
+            raise ConfigError(f"--soft_nms_sigma={self.soft_nms_sigma}: must be positive.")
+        if self.nms_method not in NMS_METHODS:
+            raise ConfigError(f"--nms_method={self.nms_method}: one of {', '.join(NMS_METHODS)}.")
+        for name in ("max_detections", "pre_nms_topk"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be positive.")
+
+
+SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("export", ExportConfig),
+            ("postprocess", PostprocessConfig))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +278,7 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
 
     # ---- what other modules need, named once ----
     @property
@@ -280,6 +339,7 @@ class Config:
                 f"config.json has config_version {version}, newer than this "
                 f"code's {CONFIG_VERSION}."
             )
+        d = _moved_postprocess_keys(d)
         sections = {}
         for name, klass in SECTIONS:
             sections[name] = _from_dict(klass, d.get(name, {}), name)
@@ -317,6 +377,35 @@ def _from_dict(klass, d: Mapping[str, Any], where: str):
     return klass(**kwargs)
 
 
+# Where config.json files written before the postprocess section kept its
+# settings: (old section, old key) -> new key, evaluation's first (what the
+# AP in best.json was measured with) when both sections had one.
+_MOVED_TO_POSTPROCESS = (
+    (("train", "eval_score_threshold"), "eval_score_threshold"),
+    (("export", "score_threshold"), "score_threshold"),
+    (("train", "eval_iou_threshold"), "iou_threshold"),
+    (("export", "iou_threshold"), "iou_threshold"),
+    (("train", "eval_max_detections"), "max_detections"),
+    (("export", "max_detections"), "max_detections"),
+)
+
+
+def _moved_postprocess_keys(d: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config dict with the keys of older files moved into "postprocess"
+    (a key the section already has wins). Such files predate Soft-NMS:
+    their models keep the hard NMS they were evaluated with."""
+    d = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+    old = "postprocess" not in d
+    post = d.setdefault("postprocess", {})
+    for (section, key), new in _MOVED_TO_POSTPROCESS:
+        if key in d.get(section, {}):
+            value = d[section].pop(key)
+            post.setdefault(new, value)
+    if old:
+        post.setdefault("nms_method", "hard")
+    return d
+
+
 def _dataset_from_dict(d: Mapping[str, Any]) -> DatasetConfig:
     d = dict(d)
     d["classes"] = tuple(ClassEntry(**c) for c in d.get("classes", ()))
@@ -339,15 +428,19 @@ def classes_from_label_map(label_map: Mapping[str, Any]) -> Tuple[ClassEntry, ..
 def check(config: "Config"):
     """Checks that need no strategy and no files. Messages name the flag."""
     config.model.check()
+    config.postprocess.check()
     t, d = config.train, config.data
     positive = {"batch_size": d.batch_size, "eval_batch_size": d.eval_batch_size, "epochs": t.epochs,
                 "checkpoint_every_steps": t.checkpoint_every_steps, "eval_every_epochs": t.eval_every_epochs,
-                "lr_reference_batch": t.lr_reference_batch, "eval_max_detections": t.eval_max_detections}
+                "lr_reference_batch": t.lr_reference_batch}
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"--{name}={value}: must be positive.")
     if t.steps_per_epoch < 0:
         raise ConfigError(f"--steps_per_epoch={t.steps_per_epoch}: must be >= 0 (0: one pass over the data).")
+    for name in ("l2_weight_decay", "weight_decay", "global_clipnorm"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"--{name}={getattr(t, name)}: must be >= 0 (0: off).")
     if not 0.0 <= t.ema_momentum < 1.0:
         raise ConfigError(f"--ema_momentum={t.ema_momentum}: must be in [0, 1).")
     if t.learning_rate <= 0:

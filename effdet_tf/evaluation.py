@@ -19,6 +19,8 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+DETECTIONS_SUFFIX = "_detections.json"
+
 # The 12 numbers of COCOeval.summarize(), in order; TensorBoard and the
 # logs use these names.
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -146,31 +148,41 @@ class CocoEvaluator:
         return {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
 
 
-def make_detect_fn(detector, head, score_threshold=0.001, iou_threshold=0.5, max_detections=100):
+def make_detect_fn(detector, head, postprocess_kwargs=None):
     """A traced images -> head detections function; build once, call per
-    batch (a new tf.function per evaluation would trace every time)."""
+    batch (a new tf.function per evaluation would trace every time).
+
+    `postprocess_kwargs`: ops.postprocess.postprocess's settings, normally
+    `config.postprocess.eval_kwargs()` (those of every export signature at
+    evaluation's score threshold); None: PostprocessConfig's defaults."""
     import tensorflow as tf
+
+    if postprocess_kwargs is None:
+        from effdet_tf.config import PostprocessConfig
+
+        postprocess_kwargs = PostprocessConfig().eval_kwargs()
+    postprocess_kwargs = dict(postprocess_kwargs)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
     def detect(images):
-        return detector.detect(images, score_threshold=score_threshold, iou_threshold=iou_threshold,
-                               max_detections=max_detections, heads=[head])[head]
+        return detector.detect(images, heads=[head], **postprocess_kwargs)[head]
 
     return detect
 
 
-def evaluate(detector, dataset, evaluator: CocoEvaluator, head: str, score_threshold=0.001,
-             iou_threshold=0.5, max_detections=100, max_batches: Optional[int] = None, keep_images=0,
-             detect_fn=None):
+def evaluate(detector, dataset, evaluator: CocoEvaluator, head: str, postprocess_kwargs=None,
+             max_batches: Optional[int] = None, keep_images=0, detect_fn=None):
     """Runs `detector`'s head `head` over an eval pipeline and returns
     (metrics, samples).
 
     `dataset` yields dicts {"images" [B,S,S,3], "image_id" [B], "scale" [B],
     "original_size" [B,2]} (data.pipeline.eval_dataset). `samples` holds the
     first `keep_images` images with their detections (model px) for
-    TensorBoard. `detect_fn`: from make_detect_fn (built here if None).
+    TensorBoard. `detect_fn`: from make_detect_fn (built here from
+    `postprocess_kwargs` if None). The detections scored are left in
+    `evaluator.results` (COCO results format).
     """
-    detect = detect_fn or make_detect_fn(detector, head, score_threshold, iou_threshold, max_detections)
+    detect = detect_fn or make_detect_fn(detector, head, postprocess_kwargs)
     evaluator.reset()
     samples = []
     for i, batch in enumerate(dataset):
@@ -204,6 +216,28 @@ def ground_truth_in_model_px(coco, image_id, scale, category_ids):
         boxes.append([y * scale, x * scale, (y + h) * scale, (x + w) * scale])
         classes.append(index_of[int(ann["category_id"])])
     return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64)
+
+
+def detections_file(eval_dir, name):
+    """MODEL_DIR/eval/<dataset>_detections.json: the COCO results the last
+    evaluation of that dataset scored (the model-dir contract)."""
+    import os
+
+    return os.path.join(eval_dir, f"{name}{DETECTIONS_SUFFIX}")
+
+
+def served_share(results, image_ids, score_threshold) -> Dict[str, int]:
+    """How much of an evaluation the exported model would return: the
+    detections scoring above the export's `score_threshold` (serving applies
+    it as evaluation applies its own lower one; same NMS, so the rest are
+    the same boxes), and the images left with at least one."""
+    kept = [r for r in results if r["score"] > score_threshold]
+    return {
+        "detections": len(results),
+        "served_detections": len(kept),
+        "images": len(image_ids),
+        "images_with_served_detections": len({r["image_id"] for r in kept}),
+    }
 
 
 def mean_ap(metrics: Mapping[str, Mapping[str, float]]) -> float:

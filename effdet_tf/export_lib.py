@@ -13,7 +13,15 @@ Keras 3 model saved from a plain tf.Module loads in Python but fails there
 with "Could not find variable ..." (seen with TF 2.21). ExportArchive tracks
 the variables the endpoints use so both loaders work; the tests run
 `saved_model_cli run`, which loads the session way.
+
+Pre-processing is data/preprocess.py's (decode, letterbox), as in
+evaluation; post-processing is ops/postprocess.py with the model dir's
+config.PostprocessConfig at its export `score_threshold` (export.py's flags
+override single fields). Exported at evaluation's threshold, a signature
+returns the detections evaluation scored (tests/export_test.py).
 """
+
+import dataclasses
 
 import json
 import os
@@ -23,6 +31,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from effdet_tf.config import ConfigError, PostprocessConfig
+from effdet_tf.data import preprocess
 from effdet_tf.ops import boxes as box_ops
 from effdet_tf.ops.postprocess import postprocess
 
@@ -37,52 +47,18 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------------------
-# Pre-processing (graph ops; the same as INTERFACES.md's model input).
-
-
-def resize_and_pad(images, image_size):
-    """Aspect-preserving resize so the longer side is S, zero-pad bottom/right.
-
-    Args:
-      images: [B, H, W, 3] any real dtype (uint8 from clients), RGB 0..255.
-      image_size: S, the model's square input side.
-
-    Returns:
-      (float32 [B, S, S, 3] in 0..255, scale float32 scalar) with
-      model-pixel = input-pixel * scale.
-    """
-    shape = tf.shape(images)
-    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    scale = tf.cast(image_size, tf.float32) / tf.maximum(height, width)
-    new_h = tf.clip_by_value(tf.cast(tf.round(height * scale), tf.int32), 1, image_size)
-    new_w = tf.clip_by_value(tf.cast(tf.round(width * scale), tf.int32), 1, image_size)
-    resized = tf.image.resize(tf.cast(images, tf.float32), tf.stack([new_h, new_w]), method="bilinear")
-    # Bilinear can overshoot nothing, but a float input might: keep 0..255.
-    resized = tf.clip_by_value(resized, 0.0, 255.0)
-    padded = tf.image.pad_to_bounding_box(resized, 0, 0, image_size, image_size)
-    return padded, scale
+# Pre-processing: data/preprocess.py's, the evaluation pipeline's.
 
 
 def _preprocess_images(images, image_size):
     """uint8 [B, H, W, 3] (one size per batch) -> model input, scales, sizes."""
-    padded, scale = resize_and_pad(images, image_size)
-    batch = tf.shape(images)[0]
-    sizes = tf.tile(tf.shape(images)[1:3][None], [batch, 1])
-    return padded, tf.fill([batch], scale), sizes
+    return preprocess.letterbox_batch(images, image_size)
 
 
 def _preprocess_bytes(image_bytes, image_size):
     """string [B] JPEG/PNG, each its own size -> model input, scales, sizes."""
-
-    def one(encoded):
-        # channels=3: greyscale is expanded, alpha dropped; the first frame
-        # of an animation only, so every element has rank 3.
-        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-        padded, scale = resize_and_pad(image[None], image_size)
-        return padded[0], scale, tf.shape(image)[0:2]
-
     return tf.map_fn(
-        one,
+        lambda encoded: preprocess.preprocess_encoded(encoded, image_size),
         image_bytes,
         fn_output_signature=(
             tf.TensorSpec([image_size, image_size, 3], tf.float32),
@@ -90,6 +66,22 @@ def _preprocess_bytes(image_bytes, image_size):
             tf.TensorSpec([2], tf.int32),
         ),
     )
+
+
+def postprocess_settings(postprocess_config=None, **overrides):
+    """`postprocess_config` (default: PostprocessConfig()) with single fields
+    replaced (export.py's flags), checked. Unknown names are an ExportError."""
+    settings = postprocess_config or PostprocessConfig()
+    known = {f.name for f in dataclasses.fields(PostprocessConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ExportError(f"Unknown post-processing setting(s) {unknown}; known: {sorted(known)}.")
+    settings = dataclasses.replace(settings, **overrides)
+    try:
+        settings.check()
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    return settings
 
 
 # ---------------------------------------------------------------------------
@@ -111,14 +103,12 @@ def _valid_mask(num_detections, k):
 class _Serving:
     """Builds the signature functions for one detector and its label maps."""
 
-    def __init__(self, detector, label_maps, score_threshold, iou_threshold, max_detections, pre_nms_topk):
+    def __init__(self, detector, label_maps, postprocess_config):
         self.detector = detector
         self.head_names = list(label_maps)
         self.image_size = int(detector.image_size)
-        self.score_threshold = float(score_threshold)
-        self.iou_threshold = float(iou_threshold)
-        self.max_detections = int(max_detections)
-        self.pre_nms_topk = int(pre_nms_topk)
+        self.postprocess_kwargs = postprocess_config.serving_kwargs()
+        self.max_detections = int(postprocess_config.max_detections)
         self.anchors = detector.anchors.boxes
         # Contiguous index -> COCO category id, one table per head.
         self.category_ids = {
@@ -155,10 +145,7 @@ class _Serving:
             tf.cast(outputs[name]["cls_logits"], tf.float32),
             tf.cast(outputs[name]["box_deltas"], tf.float32),
             self.anchors,
-            score_threshold=self.score_threshold,
-            iou_threshold=self.iou_threshold,
-            max_detections=self.max_detections,
-            pre_nms_topk=self.pre_nms_topk,
+            **self.postprocess_kwargs,
         )
         k = self.max_detections
         num = tf.cast(detections["num_detections"], tf.int32)
@@ -234,12 +221,14 @@ class _Serving:
         return self.detect_all(*_preprocess_bytes(image_bytes, self.image_size))
 
 
-def label_map_document(detector, label_maps, score_threshold, iou_threshold, max_detections):
+def label_map_document(detector, label_maps, postprocess_config):
     """The `assets/label_map.json` content.
 
     `heads[i]` is head index i (the `detection_heads` output of `all`);
-    each class lists its contiguous index, COCO category id and name.
+    each class lists its contiguous index, COCO category id and name. The
+    post-processing settings the graph was built with are listed too.
     """
+    post = postprocess_config
     return {
         "format": LABEL_MAP_FORMAT,
         "heads": [
@@ -256,9 +245,12 @@ def label_map_document(detector, label_maps, score_threshold, iou_threshold, max
         ],
         "serving_default": next(iter(label_maps)),
         "image_size": int(detector.image_size),
-        "score_threshold": float(score_threshold),
-        "iou_threshold": float(iou_threshold),
-        "max_detections": int(max_detections),
+        "score_threshold": float(post.score_threshold),
+        "nms_method": post.nms_method,
+        "iou_threshold": float(post.iou_threshold),
+        "soft_nms_sigma": float(post.soft_nms_sigma),
+        "pre_nms_topk": int(post.pre_nms_topk),
+        "max_detections": int(post.max_detections),
     }
 
 
@@ -266,10 +258,7 @@ def build_archive(
     detector,
     label_maps,
     asset_path,
-    score_threshold=0.05,
-    iou_threshold=0.5,
-    max_detections=100,
-    pre_nms_topk=1000,
+    postprocess_config=None,
 ):
     """An ExportArchive with every signature of the contract.
 
@@ -278,11 +267,13 @@ def build_archive(
       label_maps: ordered dict head name -> {"classes": [{index, id, name}]};
         its order is the signature order (the first one is serving_default).
       asset_path: a file named label_map.json to ship as the asset.
+      postprocess_config: PostprocessConfig (None: the defaults); the
+        graph applies its `score_threshold`.
     """
     missing = [name for name in label_maps if name not in detector.head_names]
     if missing:
         raise ExportError(f"Label maps name heads {missing} the model does not have ({detector.head_names}).")
-    serving = _Serving(detector, label_maps, score_threshold, iou_threshold, max_detections, pre_nms_topk)
+    serving = _Serving(detector, label_maps, postprocess_config or PostprocessConfig())
     images_spec = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
     bytes_spec = [tf.TensorSpec([None], tf.string, name="image_bytes")]
 
@@ -336,12 +327,13 @@ def export_detector(
     label_maps,
     export_dir,
     version=0,
-    score_threshold=0.05,
-    iou_threshold=0.5,
-    max_detections=100,
-    pre_nms_topk=1000,
+    postprocess_config=None,
+    **overrides,
 ):
     """Writes `export_dir/<version>/` (0: next free) and returns its path.
+
+    Post-processing: `postprocess_config` (None: PostprocessConfig()) with
+    `overrides` (its field names, e.g. score_threshold=0.001) replaced.
 
     Written to a hidden temporary folder inside `export_dir` first and renamed
     into place, so TF Serving (which polls the folder) never sees a half
@@ -349,6 +341,7 @@ def export_detector(
     """
     label_maps = dict(label_maps)
     _check_head_names(label_maps)
+    post = postprocess_settings(postprocess_config, **overrides)
     version = int(version) or next_version(export_dir)
     if version < 0:
         raise ExportError(f"--version must be a positive integer, got {version}.")
@@ -361,15 +354,13 @@ def export_detector(
     os.makedirs(export_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     try:
-        doc = label_map_document(detector, label_maps, score_threshold, iou_threshold, max_detections)
+        doc = label_map_document(detector, label_maps, post)
         asset_dir = os.path.join(tmp, "asset_src")
         os.makedirs(asset_dir)
         asset_path = os.path.join(asset_dir, LABEL_MAP_ASSET)
         with open(asset_path, "w") as f:
             json.dump(doc, f, indent=2)
-        archive = build_archive(
-            detector, label_maps, asset_path, score_threshold, iou_threshold, max_detections, pre_nms_topk
-        )
+        archive = build_archive(detector, label_maps, asset_path, post)
         saved = os.path.join(tmp, "saved_model")
         # Serving never differentiates: skipping the custom-gradient
         # functions (which SavedModel otherwise re-traces, quadratically in
@@ -439,12 +430,11 @@ def export_from_model_dir(
     version=0,
     which="best",
     datasets=None,
-    score_threshold=0.05,
-    iou_threshold=0.5,
-    max_detections=100,
-    pre_nms_topk=1000,
+    **overrides,
 ):
-    """Loads the EMA weights of a training model dir and exports them."""
+    """Loads the EMA weights of a training model dir and exports them with
+    the post-processing of its config.json (what its evaluation used),
+    `overrides` replacing single fields (export.py's flags given)."""
     from effdet_tf import checkpoint  # workflow-level import
 
     config, weights = check_model_dir(model_dir, which)
@@ -455,6 +445,7 @@ def export_from_model_dir(
         raise ExportError(f"{os.path.join(export_dir, str(version))} already exists; nothing was written.")
     label_maps = select_heads(config.label_maps(), datasets)
     _check_head_names(label_maps)
+    post = postprocess_settings(config.postprocess, **overrides)
     try:
         detector, _ = checkpoint.load_detector(model_dir, which=which)
     except (ValueError, OSError) as e:  # Keras: layout mismatch; h5py: not an HDF5 file
@@ -469,8 +460,5 @@ def export_from_model_dir(
         label_maps,
         export_dir,
         version=version,
-        score_threshold=score_threshold,
-        iou_threshold=iou_threshold,
-        max_detections=max_detections,
-        pre_nms_topk=pre_nms_topk,
+        postprocess_config=post,
     )

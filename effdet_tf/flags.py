@@ -32,26 +32,31 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _DATASET_FLAGS = ("dataset", "dataset_batch_size", "loss_weight")
 
 
+def _define(field, help_suffix=""):
+    """The absl flag of one config field (same name, type, default, help)."""
+    default, help_text = field.default, field.metadata["help"] + help_suffix
+    choices = field.metadata.get("choices")
+    if isinstance(default, bool):
+        flags.DEFINE_bool(field.name, default, help_text)
+    elif isinstance(default, int):
+        flags.DEFINE_integer(field.name, default, help_text)
+    elif isinstance(default, float):
+        flags.DEFINE_float(field.name, default, help_text)
+    elif isinstance(default, tuple):
+        flags.DEFINE_list(field.name, [str(v) for v in default], help_text)
+    elif choices is not None:
+        flags.DEFINE_enum(field.name, default, list(choices), help_text)
+    else:
+        flags.DEFINE_string(field.name, default, help_text)
+
+
 def define_flags():
     """Defines every config flag (idempotent: entry points and tests may
     both call it)."""
     if "image_size" in FLAGS:
         return
     for _, field in config_lib.flag_fields():
-        default, help_text = field.default, field.metadata["help"]
-        choices = field.metadata.get("choices")
-        if isinstance(default, bool):
-            flags.DEFINE_bool(field.name, default, help_text)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(field.name, default, help_text)
-        elif isinstance(default, float):
-            flags.DEFINE_float(field.name, default, help_text)
-        elif isinstance(default, tuple):
-            flags.DEFINE_list(field.name, [str(v) for v in default], help_text)
-        elif choices is not None:
-            flags.DEFINE_enum(field.name, default, list(choices), help_text)
-        else:
-            flags.DEFINE_string(field.name, default, help_text)
+        _define(field)
     flags.DEFINE_multi_string(
         "dataset", [], "NAME=PATH, repeatable: a COCO root (annotations/instances_{train,val}2017.json, "
         "train2017/, val2017/) or a TFRecord dir made by effdet_tf.data.coco_tfrecord.")
@@ -146,14 +151,28 @@ def config_from_values(values) -> config_lib.Config:
     if data["data_cache_dir"]:
         data["data_cache_dir"] = os.path.abspath(os.path.expanduser(data["data_cache_dir"]))
     data["datasets"] = _datasets(values, data["batch_size"], train["generate_demo_data"])
-    config = config_lib.Config(
-        model=config_lib.ModelConfig(**sections["model"]),
-        data=config_lib.DataConfig(**sections["data"]),
-        train=config_lib.TrainConfig(**sections["train"]),
-        export=config_lib.ExportConfig(**sections["export"]),
-    )
+    config = config_lib.Config(**{name: klass(**sections[name]) for name, klass in config_lib.SECTIONS})
     config_lib.check(config)
     return config
+
+
+def define_override_flags(section, exclude=()):
+    """Flags for the fields of one config `section` that a tool reading a
+    model dir's config.json (export.py) lets the command line override;
+    `overrides(section)` returns the ones given."""
+    for name, field in config_lib.flag_fields():
+        if name == section and field.name not in exclude and field.name not in FLAGS:
+            _define(field, " Default: the model dir's config.json.")
+
+
+def overrides(section, exclude=(), flag_values=FLAGS):
+    """{field: value} of the `section` flags given on the command line."""
+    return {
+        field.name: flag_values[field.name].value
+        for name, field in config_lib.flag_fields()
+        if name == section and field.name not in exclude and field.name in flag_values
+        and flag_values[field.name].present
+    }
 
 
 def config_from_flags(flag_values=FLAGS) -> config_lib.Config:

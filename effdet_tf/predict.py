@@ -5,7 +5,8 @@
 
 Sends each file's bytes to the `<dataset>_bytes` signature (decoding,
 resizing, the network and NMS all run inside the SavedModel, as under TF
-Serving), draws the detections with their class names and scores into
+Serving; the same pre- and post-processing as evaluation, at the export's
+score threshold, see assets/label_map.json), draws the detections with their class names and scores into
 `output_dir/<file name>`, and writes every detection to
 `output_dir/detections.json` in COCO results format (image_id: the file stem
 if it is a number, else the file's position in the sorted list; category_id:
@@ -24,6 +25,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
+from effdet_tf.data import preprocess
 from effdet_tf.ops import boxes as box_ops
 from effdet_tf.visualize import draw_detections
 
@@ -109,7 +111,8 @@ def predict(saved_model, dataset, images, output_dir, min_score=0.0, log=print):
             log(f"skipped {path}: not a JPEG or PNG image")
             continue
         try:
-            image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+            # The pixels the signature decodes (data/preprocess.py), for drawing.
+            image = preprocess.decode(tf.constant(data)).numpy()
             out = signature(image_bytes=tf.constant([data]))
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
             reason = f"cannot be decoded ({e.message.splitlines()[0] if e.message else type(e).__name__})"

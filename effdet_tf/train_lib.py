@@ -343,7 +343,8 @@ def evaluate_model_dir(config: Config, which="best"):
         raise ConfigError("--mode=eval: no dataset has a val split to evaluate.")
     evaluator = callbacks_lib.Evaluator(config, eval_sets, os.path.join(config.train.model_dir, "eval"))
     metrics, mean = evaluator(detector, step)
-    return {"metrics": metrics, "mean_ap": mean}
+    # "served": how many of the scored detections the exported model keeps.
+    return {"metrics": metrics, "mean_ap": mean, "served": dict(evaluator.served)}
 
 
 def run(config: Config):
@@ -369,14 +370,17 @@ def after_training(config: Config, result):
         from effdet_tf import export_lib
 
         export_dir = config.export.export_dir or os.path.join(t.model_dir, "export")
-        path = export_lib.export_from_model_dir(
-            t.model_dir, export_dir, version=config.export.export_version,
-            score_threshold=config.export.score_threshold, iou_threshold=config.export.iou_threshold,
-            max_detections=config.export.max_detections)
+        # Post-processing: the model dir's config.json, as export.py reads it.
+        path = export_lib.export_from_model_dir(t.model_dir, export_dir, version=config.export.export_version)
         logging.info("Exported SavedModel: %s", path)
         result["export"] = path
     if t.visualize_after_training:
         result["pictures"] = write_pictures(config)
+
+
+# Pictures (write_pictures) show detections from this score up: at the
+# export's 0.05 an early model covers the image in boxes.
+PICTURE_SCORE_THRESHOLD = 0.25
 
 
 def write_pictures(config: Config, num_images=4):
@@ -389,9 +393,11 @@ def write_pictures(config: Config, num_images=4):
     eval_sets = eval_data(config)
     evaluator = callbacks_lib.Evaluator(config, eval_sets, log_dir=None, is_chief=False)
     paths = []
+    # Evaluation's post-processing, drawn from a legible score up.
+    post = config.postprocess.kwargs(score_threshold=max(PICTURE_SCORE_THRESHOLD, config.postprocess.score_threshold))
     for name, (dataset, coco_evaluator) in eval_sets.items():
         _, samples = evaluation.evaluate(detector, dataset.take(1), coco_evaluator, name,
-                                         score_threshold=0.25, keep_images=num_images)
+                                         postprocess_kwargs=post, keep_images=num_images)
         picture = np.concatenate(list(evaluator.drawings(name, samples)), axis=1)
         path = os.path.join(config.train.model_dir, f"detections_{name}.png")
         cv2.imwrite(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))

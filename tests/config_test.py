@@ -108,3 +108,64 @@ def test_backup_is_atomic_and_restores_optimizer_state(tmp_path):
     meta = checkpoint.restore_training_state(other, str(tmp_path))
     assert meta["step"] == 4
     assert int(other.optimizer.iterations.numpy()) == 4
+
+
+def test_postprocess_section_round_trips_through_config_json(tmp_path):
+    from effdet_tf.config import PostprocessConfig
+
+    post = PostprocessConfig(eval_score_threshold=0.002, score_threshold=0.3, nms_method="hard",
+                             iou_threshold=0.6, soft_nms_sigma=0.25, pre_nms_topk=321, max_detections=42)
+    config = _config(tmp_path).replace(postprocess=post)
+    checkpoint.write_config(str(tmp_path), config)
+    with open(os.path.join(tmp_path, checkpoint.CONFIG_FILE)) as f:
+        written = json.load(f)
+    assert written["postprocess"] == {
+        "eval_score_threshold": 0.002, "score_threshold": 0.3, "nms_method": "hard", "iou_threshold": 0.6,
+        "soft_nms_sigma": 0.25, "pre_nms_topk": 321, "max_detections": 42}
+    again = checkpoint.read_config(str(tmp_path))
+    assert again.postprocess == post
+    # What evaluation and serving hand to ops.postprocess: the same but the threshold.
+    assert again.postprocess.eval_kwargs()["score_threshold"] == 0.002
+    assert again.postprocess.serving_kwargs()["score_threshold"] == 0.3
+    assert {k: v for k, v in again.postprocess.eval_kwargs().items() if k != "score_threshold"} == {
+        k: v for k, v in again.postprocess.serving_kwargs().items() if k != "score_threshold"}
+
+
+def test_config_json_without_postprocess_section_still_loads():
+    """Written before the section existed: evaluation's settings were in
+    "train", the export's in "export"; those models used hard NMS."""
+    d = _config().to_dict()
+    del d["postprocess"]
+    d["train"].update(eval_score_threshold=0.002, eval_iou_threshold=0.55, eval_max_detections=90)
+    d["export"].update(score_threshold=0.2, iou_threshold=0.5, max_detections=100)
+    post = Config.from_dict(d).postprocess
+    assert (post.eval_score_threshold, post.score_threshold) == (0.002, 0.2)
+    # One setting now: evaluation's (what the model's AP was measured with).
+    assert (post.iou_threshold, post.max_detections) == (0.55, 90)
+    assert post.nms_method == "hard"
+    # No section and none of the old keys: the defaults, but the hard NMS
+    # such a model was evaluated with (the default is now Soft-NMS).
+    d = _config().to_dict()
+    del d["postprocess"]
+    assert Config.from_dict(d).postprocess.nms_method == "hard"
+    assert Config().postprocess.nms_method == "gaussian"
+
+
+def test_postprocess_settings_are_checked():
+    from effdet_tf.config import ConfigError, PostprocessConfig, check
+
+    for bad, flag in ((dict(score_threshold=1.5), "--score_threshold"), (dict(soft_nms_sigma=0.0), "--soft_nms_sigma"),
+                      (dict(max_detections=0), "--max_detections"), (dict(nms_method="linear"), "--nms_method")):
+        with pytest.raises(ConfigError, match=flag):
+            check(_config().replace(postprocess=PostprocessConfig(**bad)))
+
+
+def test_postprocess_flags_reach_the_config(tmp_path):
+    from effdet_tf import flags
+
+    config = flags.config_from_argv([
+        "train.py", f"--dataset=a={tmp_path}", f"--model_dir={tmp_path / 'm'}", "--nms_method=hard",
+        "--soft_nms_sigma=0.3", "--eval_score_threshold=0.01", "--score_threshold=0.2", "--pre_nms_topk=500"])
+    post = config.postprocess
+    assert (post.nms_method, post.soft_nms_sigma, post.eval_score_threshold, post.score_threshold,
+            post.pre_nms_topk) == ("hard", 0.3, 0.01, 0.2, 500)

@@ -1,4 +1,5 @@
-"""COCO evaluation on the real samples, in the datasets' own ids."""
+"""COCO evaluation on the real samples, in the datasets' own ids, and that
+evaluation scores what the exported model serves."""
 
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from effdet_tf import evaluation
+from effdet_tf.config import Config, DataConfig, DatasetConfig, ModelConfig, PostprocessConfig, TrainConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"appliance": "appliance-dataset-5-tat-10", "food": "food-dataset-10-tat-10"}
@@ -101,3 +103,216 @@ def test_no_detections_and_unknown_ids():
 
 def test_mean_ap():
     assert evaluation.mean_ap({"a": {"AP": 0.2}, "b": {"AP": 0.4}}) == pytest.approx(0.3)
+
+
+# ------------------------------------------------- evaluation = serving
+# A tiny detector (export_test's, calibrated so every image has candidates)
+# evaluated by train.py's --mode=eval path on the real 640 px photos at a
+# 128 px input, then exported at evaluation's score threshold: the
+# SavedModel must return the detections evaluation scored, and their AP
+# must be the AP evaluation reported. The non-default NMS method is used
+# here (export_test's contract tests run the default one), and an export
+# threshold that the calibrated head's scores straddle (export_test's).
+
+REAL_POSTPROCESS = dict(nms_method="gaussian" if PostprocessConfig().nms_method == "hard" else "hard",
+                        score_threshold=0.3)
+
+
+def _real_config(root):
+    from export_test import IMAGE_SIZE
+
+    for folder in DATASETS.values():
+        if not (DATA / folder / "annotations" / "instances_val2017.json").exists():
+            pytest.skip(f"{DATA / folder} not found")
+    datasets = tuple(DatasetConfig(name=name, path=str(DATA / folder)) for name, folder in DATASETS.items())
+    return Config(
+        model=ModelConfig(image_size=IMAGE_SIZE, width_multiplier=0.125, depth_multiplier=0.34,
+                          fpn_channels=16, fpn_repeats=1, head_depth=1),
+        data=DataConfig(datasets=datasets, data_cache_dir=str(root / "cache"), eval_batch_size=8),
+        train=TrainConfig(model_dir=str(root / "model"), mode="eval", strategy="one_device", tensorboard_images=0),
+        postprocess=PostprocessConfig(**REAL_POSTPROCESS),
+    )
+
+
+def _val_images(tf_dir):
+    """The evaluated images: the converter's ground truth of the val split."""
+    with open(Path(tf_dir) / "val_annotations.json") as f:
+        return json.load(f)
+
+
+def _served_results(signature, dataset_dir, gt):
+    """COCO results (original-pixel xywh, the signature's COCO ids) of the
+    `<name>_bytes` signature on the dataset's own val files."""
+    import tensorflow as tf
+
+    images = gt["images"]
+    data = [(DATA / dataset_dir / "val2017" / im["file_name"]).read_bytes() for im in images]
+    out = {k: v.numpy() for k, v in signature(image_bytes=tf.constant(data)).items()}
+    results, counts = [], []
+    for b, im in enumerate(images):
+        n = int(out["num_detections"][b])
+        counts.append(n)
+        h, w = im["height"], im["width"]
+        for box, score, cls in zip(out["detection_boxes"][b, :n], out["detection_scores"][b, :n],
+                                   out["detection_classes"][b, :n]):
+            ymin, xmin, ymax, xmax = (float(v) for v in box * np.array([h, w, h, w]))
+            results.append({"image_id": im["id"], "category_id": int(cls),
+                            "bbox": [xmin, ymin, xmax - xmin, ymax - ymin], "score": float(score)})
+    return results, counts
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    import subprocess
+    import sys
+
+    import cv2
+    import tensorflow as tf
+
+    from effdet_tf import checkpoint, export_lib, train_lib
+    from export_test import ENV, REPO, _build_detector, _spread_class_logits
+
+    root = tmp_path_factory.mktemp("real")
+    config = _real_config(root)
+    resolved = train_lib.resolve_datasets(config)
+    photos = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+              for folder in DATASETS.values() for p in sorted((DATA / folder / "val2017").glob("*.jpg"))[:6]]
+    detector = _build_detector(resolved)
+    _spread_class_logits(detector, photos)
+    model_dir = config.train.model_dir
+    checkpoint.write_config(model_dir, resolved)
+    detector.save_weights(str(Path(model_dir) / checkpoint.LAST_WEIGHTS))
+    result = train_lib.run(config)["eval"]  # what train.py --mode=eval runs
+
+    post = resolved.postprocess
+    serving = root / "serving"
+    # export.py reads post-processing from config.json; one flag overrides.
+    proc = subprocess.run(
+        [sys.executable, str(Path(REPO) / "export.py"), f"--model_dir={model_dir}", f"--export_dir={serving}",
+         f"--score_threshold={post.eval_score_threshold}"],
+        env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    at_eval = str(serving / "1")
+    at_export = export_lib.export_from_model_dir(model_dir, str(serving))  # config.json's score_threshold
+    served = {}
+    for which, path in (("eval", at_eval), ("export", at_export)):
+        loaded = tf.saved_model.load(path)
+        for name in DATASETS:
+            tf_dir = resolved.data.dataset(name).tfrecord_dir
+            served[which, name] = _served_results(loaded.signatures[f"{name}_bytes"], DATASETS[name], _val_images(tf_dir))
+    return {"root": root, "config": resolved, "model_dir": model_dir, "eval": result, "served": served,
+            "paths": {"eval": at_eval, "export": at_export}}
+
+
+def _detections_json(real, name):
+    path = Path(real["model_dir"]) / "eval" / f"{name}_detections.json"
+    assert path.exists(), path
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_mode_eval_writes_the_detections_it_scored(real, name):
+    results = _detections_json(real, name)
+    gt = _val_images(real["config"].data.dataset(name).tfrecord_dir)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    own_ids = {c["id"] for c in gt["categories"]}
+    assert results and {r["image_id"] for r in results} <= set(sizes)
+    assert {r["category_id"] for r in results} <= own_ids and min(own_ids) > 50  # COCO's ids, not indices
+    post = real["config"].postprocess
+    for r in results:
+        assert set(r) == {"image_id", "category_id", "bbox", "score"}
+        x, y, w, h = r["bbox"]
+        height, width = sizes[r["image_id"]]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0
+        assert x + w <= width + 1e-3 and y + h <= height + 1e-3
+        assert post.eval_score_threshold < r["score"] <= 1.0
+    # Original-image pixels: boxes reach past the 128 px model input.
+    assert max(r["bbox"][0] + r["bbox"][2] for r in results) > 2 * real["config"].model.image_size
+    per_image = np.bincount([list(sizes).index(r["image_id"]) for r in results])
+    assert per_image.max() <= post.max_detections
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_saved_model_at_eval_threshold_gives_evaluations_detections(real, name):
+    """Boxes within 1 px, same classes, scores within 1e-3, image by image."""
+    evaluated = _detections_json(real, name)
+    served, _ = real["served"]["eval", name]
+    # The evaluator drops boxes left without area by clipping to the image.
+    served = [r for r in served if r["bbox"][2] > 0 and r["bbox"][3] > 0]
+    assert len(served) == len(evaluated)
+    by_image = {}
+    for r in served:
+        by_image.setdefault(r["image_id"], []).append(r)
+    for r in evaluated:
+        candidates = by_image.get(r["image_id"], [])
+        match = [i for i, s in enumerate(candidates)
+                 if s["category_id"] == r["category_id"] and abs(s["score"] - r["score"]) <= 1e-3
+                 and np.abs(np.subtract(s["bbox"], r["bbox"])).max() <= 1.0]
+        assert match, f"no served detection matches the evaluated {r}"
+        candidates.pop(match[0])
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_ap_of_saved_model_detections_is_the_ap_mode_eval_reports(real, name):
+    served, _ = real["served"]["eval", name]
+    dataset = real["config"].data.dataset(name)
+    gt = _val_images(dataset.tfrecord_dir)
+    evaluator = evaluation.CocoEvaluator(gt, [c.id for c in dataset.classes])
+    evaluator.add_coco_results(served, image_ids=[im["id"] for im in gt["images"]])
+    metrics = evaluator.result()
+    reported = real["eval"]["metrics"][name]
+    assert reported["AP50"] > 0  # premise: some boxes hit, so equality means something
+    for key in evaluation.METRIC_NAMES:
+        assert metrics[key] == pytest.approx(reported[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_mode_eval_says_how_many_detections_the_export_keeps(real, name):
+    """Counted over the scored detections: boxes that clipping to the image
+    leaves without area (an untrained head puts some in the padding) are
+    returned by the SavedModel but not scored."""
+    served, counts = real["served"]["export", name]
+    with_area = [r for r in served if r["bbox"][2] > 0 and r["bbox"][3] > 0]
+    share = real["eval"]["served"][name]
+    assert 0 < share["served_detections"] < share["detections"]  # premise: the threshold matters
+    assert share["served_detections"] == len(with_area)
+    assert share["images_with_served_detections"] == len({r["image_id"] for r in with_area})
+    assert share["detections"] == len(_detections_json(real, name))
+    assert share["images"] == len(counts)
+
+
+def test_export_reads_postprocess_from_config_json_and_flags_override(real):
+    post = real["config"].postprocess
+    for which, threshold in (("eval", post.eval_score_threshold), ("export", post.score_threshold)):
+        with open(Path(real["paths"][which]) / "assets" / "label_map.json") as f:
+            doc = json.load(f)
+        assert doc["score_threshold"] == pytest.approx(threshold)
+        assert (doc["nms_method"], doc["max_detections"], doc["pre_nms_topk"]) == (
+            REAL_POSTPROCESS["nms_method"], post.max_detections, post.pre_nms_topk)
+
+
+def test_saved_model_cli_runs_the_nms_method_of_this_export(real):
+    """The session loader (TF Serving's) runs this NMS method's graph and
+    returns what tf.saved_model.load returned."""
+    import subprocess
+
+    from export_test import ENV, SAVED_MODEL_CLI
+
+    name = next(iter(DATASETS))
+    gt = _val_images(real["config"].data.dataset(name).tfrecord_dir)
+    data = np.array([(DATA / DATASETS[name] / "val2017" / im["file_name"]).read_bytes() for im in gt["images"][:3]],
+                    dtype=object)
+    inputs, outdir = real["root"] / "cli_bytes.npy", real["root"] / "cli_out"
+    np.save(inputs, data)
+    proc = subprocess.run(
+        [SAVED_MODEL_CLI, "run", "--dir", real["paths"]["eval"], "--tag_set", "serve", "--signature_def",
+         f"{name}_bytes", "--inputs", f"image_bytes={inputs}", "--outdir", str(outdir)],
+        env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served, counts = real["served"]["eval", name]
+    num = np.load(outdir / "num_detections.npy")
+    np.testing.assert_array_equal(num, counts[:3])
+    scores = np.load(outdir / "detection_scores.npy")
+    want = [r["score"] for r in served if r["image_id"] == gt["images"][0]["id"]]
+    np.testing.assert_allclose(scores[0, : num[0]], want, atol=1e-5)

@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 
 from effdet_tf import checkpoint, export_lib
-from effdet_tf.config import ClassEntry, Config, DataConfig, DatasetConfig, ModelConfig
+from effdet_tf.config import ClassEntry, Config, DataConfig, DatasetConfig, ModelConfig, PostprocessConfig
 from effdet_tf.ops.postprocess import postprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,8 +169,7 @@ def reference_detections(detector, images, heads):
     for name in heads:
         det = postprocess(
             outputs[name]["cls_logits"], outputs[name]["box_deltas"], detector.anchors.boxes,
-            score_threshold=SCORE_THRESHOLD, iou_threshold=0.5, max_detections=MAX_DETECTIONS,
-            pre_nms_topk=1000,
+            **PostprocessConfig(score_threshold=SCORE_THRESHOLD, max_detections=MAX_DETECTIONS).serving_kwargs(),
         )
         per_image = []
         for i, image in enumerate(images):
@@ -414,14 +413,15 @@ def test_saved_model_cli_run_matches_python_load(exported):
             np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"{name}/{key}")
 
 
-def test_preprocessing_matches_training_letterbox(exported):
-    """Serving resizes exactly as the input pipeline does (no train/serve skew)."""
-    pipeline = pytest.importorskip("effdet_tf.data.pipeline")
+def test_preprocessing_matches_independent_letterbox(exported):
+    """The signatures' pre-processing (data/preprocess.py, the evaluation
+    pipeline's) is the letterbox of INTERFACES.md, here written with OpenCV."""
     for image in (exported["images"]["small"][0], exported["images"]["large"][0], _image(40, 30, 4)):
-        served, served_scale = export_lib.resize_and_pad(image[None], IMAGE_SIZE)
-        trained, trained_scale = pipeline.letterbox(image, IMAGE_SIZE)
-        np.testing.assert_allclose(served[0].numpy(), trained.numpy(), atol=1e-3)
-        np.testing.assert_allclose(served_scale.numpy(), trained_scale.numpy())
+        served, scales, sizes = export_lib._preprocess_images(tf.constant(image[None]), IMAGE_SIZE)
+        want, want_scale = _letterbox_numpy(image)
+        assert np.abs(served[0].numpy() - want).max() < 1.0
+        np.testing.assert_allclose(scales.numpy(), [want_scale], rtol=1e-6)
+        np.testing.assert_array_equal(sizes.numpy(), [image.shape[:2]])
 
 
 # ---------------------------------------------------------------- errors

@@ -123,3 +123,86 @@ def test_exports_with_unknown_batch(tmp_path):
     assert out["num_detections"].numpy().tolist() == [0, 0, 1]
     np.testing.assert_allclose(out["boxes"].numpy()[2, 0], BOXES[A_FAR],
                                rtol=1e-5)
+
+
+# ---------------------------------------------------------------- Soft-NMS
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def _gaussian_decay(iou, sigma):
+    """Bodla et al. 2017's Gaussian penalty in TF's parameterisation
+    (tf.image.non_max_suppression_with_scores: exp(-iou^2 / (2 sigma)))."""
+    return np.exp(-(iou ** 2) / (2.0 * sigma))
+
+
+def test_soft_nms_lowers_an_overlapping_score_instead_of_removing_it():
+    same = _outputs([(0, A_BIG, 1, 4.0), (0, A_SMALL, 1, 3.0), (0, A_FAR, 2, 2.0)])
+    hard = postprocess(*same, ANCHORS)  # the default is hard NMS
+    assert hard["num_detections"].numpy()[0] == 2
+    soft = postprocess(*same, ANCHORS, nms_method="gaussian", soft_nms_sigma=0.5)
+    assert soft["num_detections"].numpy()[0] == 3
+    iou = box_ops.iou(BOXES[[A_BIG]], BOXES[[A_SMALL]]).numpy()[0, 0]
+    decayed = _sigmoid(3.0) * _gaussian_decay(iou, 0.5)
+    # Best first: the top box untouched, the far box (other class, no
+    # overlap) untouched, the overlapping one lowered, not gone.
+    np.testing.assert_allclose(soft["scores"].numpy()[0, :3],
+                               [_sigmoid(4.0), _sigmoid(2.0), decayed], rtol=1e-5)
+    np.testing.assert_array_equal(soft["classes"].numpy()[0, :3], [1, 2, 1])
+    np.testing.assert_allclose(soft["boxes"].numpy()[0, 2], BOXES[A_SMALL], rtol=1e-5)
+    assert np.all(soft["scores"].numpy()[0, 3:] == 0.0)
+    assert np.all(soft["boxes"].numpy()[0, 3:] == 0.0)
+    # A smaller sigma decays more; below the score threshold the box goes.
+    sharper = postprocess(*same, ANCHORS, nms_method="gaussian", soft_nms_sigma=0.1)
+    np.testing.assert_allclose(sharper["scores"].numpy()[0, 2], _sigmoid(3.0) * _gaussian_decay(iou, 0.1),
+                               rtol=1e-5)
+    gone = postprocess(*same, ANCHORS, nms_method="gaussian", soft_nms_sigma=0.5,
+                       score_threshold=float(decayed) + 0.01)
+    assert gone["num_detections"].numpy()[0] == 2
+
+
+def test_soft_nms_never_decays_across_classes_and_keeps_k():
+    across = _outputs([(0, A_BIG, 1, 4.0), (0, A_SMALL, 2, 3.0)])
+    out = postprocess(*across, ANCHORS, nms_method="gaussian")
+    np.testing.assert_allclose(out["scores"].numpy()[0, :2], _sigmoid([4.0, 3.0]), rtol=1e-5)
+    planted = [(0, _location(0, r, 2, 16, 0), r % 3, 2.0 + 0.1 * r) for r in range(0, 16, 2)]
+    capped = postprocess(*_outputs(planted), ANCHORS, nms_method="gaussian", max_detections=3)
+    assert capped["scores"].shape == (1, 3)
+    assert capped["num_detections"].numpy()[0] == 3
+    np.testing.assert_allclose(capped["scores"].numpy()[0], _sigmoid([3.4, 3.2, 3.0]), rtol=1e-5)
+    np.testing.assert_array_equal(capped["classes"].numpy()[0], [14 % 3, 12 % 3, 10 % 3])
+
+
+def test_soft_nms_batch_images_are_independent():
+    logits, deltas = _outputs([(0, A_BIG, 0, 4.0), (1, A_FAR, 2, 4.0), (1, A_SMALL, 1, 3.0)], batch=2)
+    out = postprocess(logits, deltas, ANCHORS, nms_method="gaussian")
+    assert out["num_detections"].numpy().tolist() == [1, 2]
+    np.testing.assert_array_equal(out["classes"].numpy()[1, :2], [2, 1])
+    np.testing.assert_allclose(out["boxes"].numpy()[1, 0], BOXES[A_FAR], rtol=1e-5)
+
+
+def test_unknown_nms_method_is_an_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="nms_method"):
+        postprocess(*_outputs([(0, A_FAR, 1, 4.0)]), ANCHORS, nms_method="linear")
+
+
+def test_soft_nms_exports_with_unknown_batch(tmp_path):
+    class Module(tf.Module):
+        @tf.function(input_signature=[
+            tf.TensorSpec([None, N, C], tf.float32),
+            tf.TensorSpec([None, N, 4], tf.float32)])
+        def detect(self, logits, deltas):
+            return postprocess(logits, deltas, ANCHORS, max_detections=7, nms_method="gaussian")
+
+    tf.saved_model.save(Module(), str(tmp_path))
+    loaded = tf.saved_model.load(str(tmp_path))
+    inputs = _outputs([(2, A_FAR, 1, 4.0), (2, A_BIG, 0, 4.0), (2, A_SMALL, 0, 3.0)], batch=3)
+    out = loaded.detect(*inputs)
+    eager = postprocess(*inputs, ANCHORS, max_detections=7, nms_method="gaussian")
+    assert out["num_detections"].numpy().tolist() == [0, 0, 3]
+    for key in ("boxes", "scores", "classes", "num_detections"):
+        np.testing.assert_allclose(out[key].numpy(), eager[key].numpy(), rtol=1e-6)

@@ -42,6 +42,7 @@ import keras_cv
 import tensorflow as tf
 
 from effdet_tf.data.colour import colour_jitter  # noqa: F401 - one import point for the three stages
+from effdet_tf.data.preprocess import pad_to_canvas, resize_bilinear  # the letterbox's own resample and pad
 from effdet_tf.ops import boxes as box_ops
 
 # Crowd boxes travel through keras-cv as class + CROWD_OFFSET. keras-cv
@@ -187,45 +188,6 @@ def _mosaic_pixels(images, order, centers):
     )
     index = (tile * size + row[:, :, None]) * size + column[:, None, :]
     return tf.gather(tf.reshape(images, [-1, 3]), index)
-
-
-def resize_bilinear(image, new_h, new_w):
-    """tf.image.resize (bilinear) of an image -> float32 [new_h, new_w]
-    (the one resample of the train and eval pipelines).
-
-    TF's CPU ResizeBilinear reads uint8 pixels ~2x slower per output pixel
-    than float32 ones (measured: 1.0 vs 0.5 ms for 640x480 -> 512x384),
-    while casting the input costs ~0.15 ms per 640x480: the cast comes
-    first unless the output is much smaller than the input (strong zoom
-    out). The kernel converts uint8 to float itself, so both paths give
-    the same pixels.
-    """
-    shape = tf.shape(image)
-    size = tf.stack([new_h, new_w])
-    cast_first = new_h * new_w * 4 > shape[0] * shape[1]
-    return tf.cond(
-        cast_first,
-        lambda: tf.image.resize(tf.cast(image, tf.float32), size),
-        lambda: tf.image.resize(image, size),
-    )
-
-
-def pad_to_canvas(image, top, left, size):
-    """[h, w, C] image -> [size, size, C], placed at (top, left), zeros
-    elsewhere (tf.image.pad_to_bounding_box's result).
-
-    Pads the [h, w * C] view instead: TF's CPU Pad op is ~4x slower on the
-    3-D tensor with its 3-wide inner axis (measured 0.4-0.7 vs 0.07-0.25 ms
-    for 384 x 500 x 3 uint8 into 512 x 512).
-    """
-    shape = tf.shape(image)
-    channels = image.shape[-1] if image.shape[-1] is not None else shape[2]
-    padded = tf.pad(
-        tf.reshape(image, [shape[0], shape[1] * channels]),
-        [[top, size - shape[0] - top],
-         [left * channels, (size - shape[1] - left) * channels]],
-    )
-    return tf.reshape(padded, [size, size, channels])
 
 
 def random_resize(example, image_size, seed, config):

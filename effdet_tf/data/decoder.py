@@ -14,6 +14,7 @@ anti-aliasing a plain bilinear downscale lacks.
 
 import tensorflow as tf
 
+from effdet_tf.data import preprocess
 from effdet_tf.ops import boxes as box_ops
 
 # Only the keys the pipeline uses are parsed (class/text, area and the stored
@@ -80,9 +81,9 @@ def decode_image(encoded, min_size=None):
 
 
 def _decode_full(encoded):
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
+    # The serving signatures' decode: evaluation (min_size=None) reads the
+    # same pixels the exported model does.
+    return preprocess.decode(encoded)
 
 
 def decode_example(serialized, min_size=None):

@@ -15,9 +15,11 @@ dense tensors (no ragged images) and the letterbox resize is the only
 resample. Per-element stateless seeds (from `tf.data.Dataset.random`) drive
 every random draw: with `seed` set, two runs give the same batches.
 
-Eval: decode -> letterbox (no augmentation) -> batch, keeping image_id,
-`scale` = S / max(h, w) and the original size, so that
-original-pixel = model-pixel / scale.
+Eval: full-size decode -> letterbox -> batch, keeping image_id, `scale` =
+S / max(h, w) and the original size, so that original-pixel = model-pixel
+/ scale. No DCT-scaled decode and no augmentation: evaluation sees the
+pixels the SavedModel computes for the same file (data/preprocess.py), so
+the mAP it reports is the served model's.
 """
 
 import math
@@ -27,6 +29,9 @@ import tensorflow as tf
 
 from effdet_tf.data import augment as augment_lib
 from effdet_tf.data import decoder
+# The one letterbox (evaluation, predict, export; training's random_resize
+# with no augmentation); also the input pipeline benchmark's floor.
+from effdet_tf.data.preprocess import letterbox
 from effdet_tf.ops.label_encoder import LabelEncoder
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -69,33 +74,6 @@ def _records(file_pattern, shuffle, seed):
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )
-
-
-def letterbox(image, image_size, original_size=None):
-    """Aspect-preserving resize (longer side = S) to the top-left of an S x S
-    zero canvas (the model-input convention of INTERFACES.md).
-
-    Args:
-      image: [h, w, 3] (any dtype).
-      image_size: S.
-      original_size: optional int [2] size the image stands for (when it was
-        decoded smaller); `scale` refers to it.
-
-    Returns:
-      (float32 [S, S, 3] in 0..255, scale float32 scalar): model-pixel =
-      original-pixel * scale.
-    """
-    if original_size is None:
-        original_size = tf.shape(image)[:2]
-    original = tf.cast(original_size, tf.float32)
-    scale = float(image_size) / tf.reduce_max(original)
-    new_size = tf.minimum(
-        tf.cast(tf.round(original * scale), tf.int32), image_size
-    )
-    new_size = tf.maximum(new_size, 1)
-    resized = augment_lib.resize_bilinear(image, new_size[0], new_size[1])
-    canvas = augment_lib.pad_to_canvas(resized, 0, 0, image_size)
-    return canvas, scale
 
 
 # Box counts the XLA-compiled label encoder is padded to: 0, powers of 2
@@ -320,9 +298,10 @@ def eval_dataset(file_pattern, batch_size, image_size):
     """
 
     def prepare(record):
-        example = decoder.decode_example(record, min_size=image_size)
+        # Full-size decode (min_size=None), as the `*_bytes` signatures do.
+        example = decoder.decode_example(record)
         original = tf.stack([example["height"], example["width"]])
-        images, scale = letterbox(example["image"], image_size, original)
+        images, scale = letterbox(example["image"], image_size)
         return {
             "images": images,
             "image_id": example["image_id"],

@@ -246,8 +246,13 @@ class Detector(keras.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         return total / replicas if replicas > 1 else total
 
-    def detect(self, images, score_threshold=0.05, iou_threshold=0.5, max_detections=100, heads=None):
+    def detect(self, images, heads=None, **postprocess_kwargs):
         """Boxes, scores and contiguous class indices per head, in model pixels.
+
+        `postprocess_kwargs` are ops.postprocess.postprocess's (score and IoU
+        thresholds, max_detections, pre_nms_topk, nms_method,
+        soft_nms_sigma); evaluation passes `PostprocessConfig.eval_kwargs()`,
+        the settings every export signature uses too.
 
         Returns {name: postprocess dict} for `heads` (default: every head).
         """
@@ -257,9 +262,7 @@ class Detector(keras.Model):
                 outputs[name]["cls_logits"],
                 outputs[name]["box_deltas"],
                 self.anchors.boxes,
-                score_threshold=score_threshold,
-                iou_threshold=iou_threshold,
-                max_detections=max_detections,
+                **postprocess_kwargs,
             )
             for name in (heads or self.head_names)
         }

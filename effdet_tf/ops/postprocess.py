@@ -1,15 +1,24 @@
 """Head outputs -> fixed-size detections: decode + per-class NMS, in-graph.
 
 Steps, all TensorFlow ops so the function exports inside a SavedModel with
-an unknown batch size:
+an unknown batch size (and runs under TF Serving's C++ session loader):
 1. pre-select the `pre_nms_topk` highest (anchor, class) logits per image
    (the EfficientDet reference keeps 5000 candidates, `MAX_DETECTION_POINTS`
    in google/automl `efficientdet/anchors.py`): NMS cost no longer scales
    with the 49k anchors x C classes;
 2. decode only those candidates' deltas against their anchors;
-3. per-class NMS with `tf.image.combined_non_max_suppression`, which also
-   applies the score threshold, keeps the best `max_detections` over all
-   classes and pads to exactly that many.
+3. per-class NMS, then the best `max_detections` over all classes, padded
+   to exactly that many:
+   - "hard": `tf.image.combined_non_max_suppression` (greedy NMS at
+     `iou_threshold`, score threshold, top K and padding in one op);
+   - "gaussian": Soft-NMS (Bodla et al. 2017; google/automl's default
+     `nms_configs.method`) with `tf.image.non_max_suppression_with_scores`:
+     a box overlapping a kept box of its class keeps its place with its
+     score multiplied by exp(-IoU^2 / (2 sigma)) (TF's formula), and is
+     dropped only once that falls to the score threshold.
+
+Which method and settings: config.PostprocessConfig, one setting for
+evaluation, Detector.detect and every export signature.
 """
 
 import tensorflow as tf
@@ -25,7 +34,9 @@ def postprocess(
     score_threshold=0.05,
     iou_threshold=0.5,
     max_detections=100,
-    pre_nms_topk=5000,
+    pre_nms_topk=1000,
+    nms_method="hard",
+    soft_nms_sigma=0.5,
 ):
     """Turns one head's raw outputs into padded detections.
 
@@ -34,10 +45,13 @@ def postprocess(
       box_deltas: [B, N, 4] encoded deltas (ty, tx, th, tw).
       anchors: `Anchors` or [N, 4] yxyx pixel tensor of the model input.
       score_threshold: detections need sigmoid score > this.
-      iou_threshold: same-class boxes overlapping more than this are
-        suppressed; boxes of different classes never suppress each other.
+      iou_threshold: hard NMS: same-class boxes overlapping more than this
+        are suppressed; boxes of different classes never suppress each
+        other. Not used by Soft-NMS (it decays instead of cutting).
       max_detections: K, the fixed output length.
       pre_nms_topk: candidates (anchor, class pairs) kept before NMS.
+      nms_method: "hard" or "gaussian" (Soft-NMS).
+      soft_nms_sigma: Soft-NMS decay parameter (TF's `soft_nms_sigma`).
 
     Returns:
       {"boxes": float32 [B, K, 4] yxyx model-input pixels (not clipped),
@@ -77,6 +91,10 @@ def postprocess(
         * scores[..., None]
     )
 
+    if nms_method == "gaussian":
+        return _soft_nms(boxes, per_class_scores, score_threshold, max_detections, soft_nms_sigma)
+    if nms_method != "hard":
+        raise ValueError(f"nms_method must be 'hard' or 'gaussian', got {nms_method!r}")
     nmsed = tf.image.combined_non_max_suppression(
         boxes[:, :, None, :],
         per_class_scores,
@@ -93,4 +111,60 @@ def postprocess(
         "scores": nmsed.nmsed_scores,
         "classes": tf.cast(nmsed.nmsed_classes, tf.int32),
         "num_detections": tf.cast(nmsed.valid_detections, tf.int32),
+    }
+
+
+def _soft_nms(boxes, per_class_scores, score_threshold, max_detections, sigma):
+    """Per-class Soft-NMS of every image, then the top K over classes.
+
+    One `non_max_suppression_with_scores` per (image, class) pair, in a
+    single `tf.map_fn` over the B x C pairs (a graph loop: exports with an
+    unknown batch). Each keeps at most K boxes of its class, as combined
+    NMS does; the other classes' candidates score 0 there and never pass the
+    threshold. Soft-NMS keeps a class's boxes in descending decayed score,
+    so merging the per-class lists by score is the joint result.
+
+    Args:
+      boxes: float32 [B, k, 4] candidate boxes (yxyx px).
+      per_class_scores: float32 [B, k, C], non-zero only at a candidate's
+        own class.
+    Returns: the postprocess dict.
+    """
+    k = max_detections
+    num_classes = per_class_scores.shape[-1]
+    batch = tf.shape(boxes)[0]
+    num_candidates = tf.shape(boxes)[1]
+    # [B * C, k]: row b * C + c holds class c's scores of image b.
+    scores = tf.reshape(tf.transpose(per_class_scores, [0, 2, 1]), [-1, num_candidates])
+    image_of_row = tf.repeat(tf.range(batch), num_classes)
+
+    def one(args):
+        row_scores, image = args
+        selected, selected_scores = tf.image.non_max_suppression_with_scores(
+            boxes[image], row_scores, max_output_size=k,
+            # 1.0: no hard cut on top of the decay (TF would zero boxes
+            # overlapping more than iou_threshold), as google/automl does.
+            iou_threshold=1.0, score_threshold=score_threshold, soft_nms_sigma=sigma)
+        n = tf.shape(selected)[0]
+        return (tf.pad(selected, [[0, k - n]]), tf.pad(selected_scores, [[0, k - n]]), n)
+
+    selected, selected_scores, counts = tf.map_fn(
+        one,
+        (scores, image_of_row),
+        fn_output_signature=(
+            tf.TensorSpec([k], tf.int32), tf.TensorSpec([k], tf.float32), tf.TensorSpec([], tf.int32)),
+    )
+    # Per image: C lists of K, class-major; padding sorts after everything.
+    valid = tf.reshape(tf.sequence_mask(counts, k), [batch, num_classes * k])
+    flat_scores = tf.where(valid, tf.reshape(selected_scores, [batch, num_classes * k]), -1.0)
+    top_scores, order = tf.math.top_k(flat_scores, k=k)
+    num = tf.minimum(tf.reduce_sum(tf.cast(valid, tf.int32), axis=1), k)
+    keep = tf.sequence_mask(num, k)
+    candidate = tf.gather(tf.reshape(selected, [batch, num_classes * k]), order, batch_dims=1)
+    out_boxes = tf.gather(boxes, candidate, batch_dims=1)
+    return {
+        "boxes": tf.where(keep[..., None], out_boxes, 0.0),
+        "scores": tf.where(keep, top_scores, 0.0),
+        "classes": tf.where(keep, order // k, 0),
+        "num_detections": num,
     }
