@@ -199,7 +199,8 @@ def real(tmp_path_factory):
         loaded = tf.saved_model.load(path)
         for name in DATASETS:
             tf_dir = resolved.data.dataset(name).tfrecord_dir
-            served[which, name] = _served_results(loaded.signatures[f"{name}_bytes"], DATASETS[name], _val_images(tf_dir))
+            signature = loaded.signatures[f"{name}_bytes"]
+            served[which, name] = _served_results(signature, DATASETS[name], _val_images(tf_dir))
     return {"root": root, "config": resolved, "model_dir": model_dir, "eval": result, "served": served,
             "paths": {"eval": at_eval, "export": at_export}}
 
