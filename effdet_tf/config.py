@@ -1,4 +1,4 @@
-"""Frozen run configuration: model, data, train and export sections.
+"""Frozen run configuration: model, data, train, export and postprocess sections.
 
 Flags become a `Config` once (effdet_tf/flags.py); every workflow below takes
 the config and never reads flags. The resolved config (with each dataset's
