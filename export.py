@@ -37,6 +37,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from effdet_tf.tf_startup import import_tensorflow
+
+    import_tensorflow()  # without a CPU-only machine's CUDA notices
     from effdet_tf import export_lib
 
     try:

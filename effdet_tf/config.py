@@ -192,7 +192,9 @@ class TrainConfig:
     generate_demo_data: str = _field(
         "", "Generate the demo dataset pair into this folder (if absent) "
         "and train on it; used by configs/demo.flags.")
-    verbose: int = _field(1, "Keras fit verbosity (1: progress bars).")
+    verbose: int = _field(
+        -1, "Keras fit verbosity: 1 a progress bar, 2 one line per checkpoint interval, 0 none; "
+        "-1: a bar on a terminal, one line per interval when stdout is a file.")
 
     def warmup_steps(self, steps_per_epoch: int) -> int:
         return int(math.ceil(self.warmup_epochs * steps_per_epoch))
