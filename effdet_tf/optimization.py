@@ -60,11 +60,15 @@ def ema_decay(step, momentum):
     return tf.where(step > 0, warm, 0.0)
 
 
+def _layers(model):
+    return model._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001 - no public walk
+
+
 def no_decay_variables(model):
     """BatchNorm gammas/betas and biases: EfficientDet decays neither
     (google/automl efficientdet/det_model_fn.py, reg_l2_loss)."""
     out = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001 - no public walk
+    for layer in _layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             out += [v for v in (layer.gamma, layer.beta) if v is not None]
         bias = getattr(layer, "bias", None)
@@ -85,7 +89,7 @@ def batchnorm_statistics(model):
     """Every BatchNorm layer's moving mean and variance: averaged with the
     weights, as automl's EMA does."""
     out = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
+    for layer in _layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             out += [layer.moving_mean, layer.moving_variance]
     return out

@@ -168,7 +168,7 @@ def test_l2_term_gradient_is_decay_times_kernel_and_spares_batchnorm_and_biases(
 # halves (each head's loss is normalised by its replica's positives, so only
 # then is the two-replica loss the one-device loss).
 TWO_REPLICAS = """
-import json
+import json, sys
 import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -189,7 +189,7 @@ def updates(strategy, data):
             train_lib.set_sync_batchnorm(detector)
     initial = detector.get_weights()
     out = {}
-    for kind in ("keras", "recipe"):
+    for kind in sys.argv[1:]:
         detector.set_weights(initial)
         with strategy.scope():
             make = keras.optimizers.SGD if kind == "keras" else optimization.recipe_class("sgd")
@@ -221,19 +221,24 @@ print(json.dumps({kind: {"two_vs_one": norm([a - b for a, b in zip(two[kind], on
 """
 
 
-@pytest.fixture(scope="module")
-def two_replica_updates():
-    done = subprocess.run([sys.executable, "-c", TWO_REPLICAS], cwd=REPO, env=ENV, capture_output=True,
+def two_replica_updates(*kinds):
+    """{kind: two-replica vs one-device update} for optimizer kinds
+    "recipe" and/or "keras" (Keras's own SGD with global_clipnorm)."""
+    done = subprocess.run([sys.executable, "-c", TWO_REPLICAS, *kinds], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_clipping_applies_to_the_global_gradient_under_two_replicas(two_replica_updates):
-    """Keras clips each replica's half of the gradient, so with both halves
-    clipped its two-replica step is twice the one-device step; the recipe
-    clips their sum, as one device does."""
-    r = two_replica_updates
+def test_clipping_applies_to_the_global_gradient_under_two_replicas():
+    """The recipe clips the sum of the replicas' gradients, as one device
+    does: same update. (Keras clips each replica's half, so with both halves
+    clipped its two-replica step is twice the one-device step:
+    `python tests/optimization_test.py` prints both; BENCHMARKS.md.)"""
+    r = two_replica_updates("recipe")
     assert r["recipe"]["two_vs_one"] < 1e-3, r
     np.testing.assert_allclose(r["recipe"]["two_over_one_norm"], 1.0, atol=1e-3)
-    np.testing.assert_allclose(r["keras"]["two_over_one_norm"], 2.0, rtol=1e-3)
+
+
+if __name__ == "__main__":
+    print(json.dumps(two_replica_updates("keras", "recipe")))
