@@ -60,7 +60,8 @@ def ema_decay(step, momentum):
     return tf.where(step > 0, warm, 0.0)
 
 
-def _layers(model):
+def sublayers(model):
+    """Every layer inside `model`, nested ones included."""
     return model._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001 - no public walk
 
 
@@ -68,7 +69,7 @@ def no_decay_variables(model):
     """BatchNorm gammas/betas and biases: EfficientDet decays neither
     (google/automl efficientdet/det_model_fn.py, reg_l2_loss)."""
     out = []
-    for layer in _layers(model):
+    for layer in sublayers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             out += [v for v in (layer.gamma, layer.beta) if v is not None]
         bias = getattr(layer, "bias", None)
@@ -89,7 +90,7 @@ def batchnorm_statistics(model):
     """Every BatchNorm layer's moving mean and variance: averaged with the
     weights, as automl's EMA does."""
     out = []
-    for layer in _layers(model):
+    for layer in sublayers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             out += [layer.moving_mean, layer.moving_variance]
     return out
@@ -141,7 +142,7 @@ class _Recipe:
         every variable) with the clip between the two."""
         if not self.clip_after_reduce:
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
-        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        variables = [_tf_variable(v) for v in trainable_variables]
         reduced = self._all_reduce_sum_gradients(list(zip(grads, variables)))
         clipped, _ = tf.clip_by_global_norm([g for g, _ in reduced], self.clip_after_reduce)
         tf.__internal__.distribute.interim.maybe_merge_call(

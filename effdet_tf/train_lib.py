@@ -206,14 +206,10 @@ def eval_data(config: Config, split="val"):
 
 
 # ---------------------------------------------------------------- model
-def _layers(model):
-    return model._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001 - no public walk
-
-
 def set_sync_batchnorm(model):
     """Cross-replica BatchNorm statistics (read by BN at call time)."""
     n = 0
-    for layer in _layers(model):
+    for layer in optimization.sublayers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
             n += 1
