@@ -41,6 +41,93 @@ class StepCounter(keras.callbacks.Callback):
         self.step += 1
 
 
+class TrainingClock(keras.callbacks.Callback):
+    """Training time, a wall-clock budget and time-based ticks.
+
+    `seconds` sums each train batch's wall time (on_train_batch_begin to
+    on_train_batch_end: the step and the input it waited for), so time
+    spent in evaluations, checkpoints or `on_tick` between batches is not
+    training time. The first batch of a fit call, which traces the step
+    and starts the input pipeline (a minute for the CPU flagfile), is
+    timed apart (`first_step_seconds`), not counted. Once `budget_seconds`
+    (0: none) have passed, the model stops after the current batch
+    (`expired`). Every `every_seconds` (0:
+    never) of training, `on_tick(clock)` runs after the batch that crossed
+    the mark, or `due()` says so to a caller that polls at its own points
+    (train_lib evaluates at checkpoint-interval ends).
+
+    `plan(total_steps)`, when given, is called once the step time is known
+    (after `calibration_steps` untraced steps) and again at every tick, with
+    the number of steps the budget holds at the rate measured so far: the
+    learning-rate schedule's length (optimization.ReplannableSchedule).
+    """
+
+    def __init__(self, budget_seconds=0.0, every_seconds=0.0, on_tick=None, plan=None,
+                 calibration_steps=10, initial_step=0):
+        super().__init__()
+        self.budget_seconds = float(budget_seconds)
+        self.every_seconds = float(every_seconds)
+        self.on_tick = on_tick
+        self.plan = plan
+        self.calibration_steps = calibration_steps
+        self.seconds = 0.0
+        self.first_step_seconds = None
+        self.steps = 0
+        self.initial_step = int(initial_step)
+        self.expired = False
+        self._next_tick = self.every_seconds
+        self._begin = None
+        self._timed = []  # seconds of each counted batch
+        self._planned = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._begin = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._begin is None:
+            return
+        took = time.perf_counter() - self._begin
+        self._begin = None
+        self.steps += 1
+        if self.first_step_seconds is None:
+            self.first_step_seconds = took
+            return
+        self.seconds += took
+        self._timed.append(took)
+        if self.plan and not self._planned and len(self._timed) >= self.calibration_steps:
+            self._replan()
+            self._planned = True
+        if self.budget_seconds and self.seconds >= self.budget_seconds:
+            self.expired = True
+            self.model.stop_training = True
+        if self.on_tick is not None and self.due():
+            self.tick()
+
+    def due(self):
+        return bool(self.every_seconds) and self.seconds >= self._next_tick
+
+    def tick(self):
+        """Marks the tick done (the next one is `every_seconds` later) and
+        runs on_tick; the time it takes is not training time."""
+        while self._next_tick <= self.seconds:
+            self._next_tick += self.every_seconds
+        if self.plan and self._planned and not self.expired:
+            self._replan()
+        if self.on_tick is not None:
+            self.on_tick(self)
+
+    def _replan(self):
+        # Recent steps: the rate once tracing and the input cache's first
+        # pass are behind.
+        recent = self._timed[-200:]
+        per_step = float(np.median(recent))
+        left = max(self.budget_seconds - self.seconds, 0.0)
+        total = self.initial_step + self.steps + int(left / max(per_step, 1e-6))
+        logging.info("Time budget: %.1f of %.1f min trained, %.3f s/step: the schedule ends at step %d.",
+                     self.seconds / 60, self.budget_seconds / 60, per_step, total)
+        self.plan(total)
+
+
 class NonFiniteLossWatcher(keras.callbacks.Callback):
     """Stops a run whose loss stays non-finite, naming the step and the head.
 
@@ -152,20 +239,23 @@ class StepSummaries(keras.callbacks.Callback):
 
 class EpochEnd(keras.callbacks.Callback):
     """Maps Keras epochs (one per checkpoint interval, see train_lib) back
-    to training epochs and calls `fn(epoch, last)` at the end of each."""
+    to training epochs and calls `fn(epoch, last)` at the end of each, at
+    the end of an interval where `also_if()` is true (a TrainingClock tick),
+    and as the last call when training stops early (a spent time budget)."""
 
-    def __init__(self, chunks_per_epoch, total_chunks, fn):
+    def __init__(self, chunks_per_epoch, total_chunks, fn, also_if=None):
         super().__init__()
         self.chunks_per_epoch = chunks_per_epoch
         self.total_chunks = total_chunks
         self.fn = fn
+        self.also_if = also_if or (lambda: False)
 
     def on_epoch_end(self, chunk, logs=None):
         if self.model.stop_training and getattr(self.model, "_effdet_failed", False):
             return
         done = chunk + 1
-        last = done >= self.total_chunks
-        if done % self.chunks_per_epoch == 0 or last:
+        last = done >= self.total_chunks or bool(self.model.stop_training)
+        if done % self.chunks_per_epoch == 0 or last or self.also_if():
             self.fn(math.ceil(done / self.chunks_per_epoch), last)
 
 
@@ -259,6 +349,18 @@ class Evaluator:
             image = visualize.draw_detections(image, np.asarray(s["boxes"]) * zoom, s["classes"], s["scores"], names)
             images.append(image)
         return np.stack(images).astype(np.uint8)
+
+
+EVAL_HISTORY = "history.jsonl"
+
+
+def append_eval_history(model_dir, record):
+    """One JSON line per evaluation in MODEL_DIR/eval/history.jsonl: epoch,
+    step, training minutes (TrainingClock) and the metrics per dataset."""
+    path = os.path.join(model_dir, "eval", EVAL_HISTORY)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def save_best_and_last(model, model_dir, epoch, step, metrics=None, mean_ap=None):

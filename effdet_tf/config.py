@@ -182,6 +182,13 @@ class TrainConfig:
     steps_per_epoch: int = _field(0, "Steps per epoch (0: the largest dataset seen once).")
     warmup_epochs: float = _field(1.0, "Linear LR warmup length in epochs.")
     eval_every_epochs: int = _field(1, "Evaluate (COCO mAP, best checkpoint) every N epochs.")
+    train_minutes: float = _field(
+        0.0, "Wall-clock training budget of this run in minutes (evaluation and checkpoint time not "
+        "counted; 0: none): training stops once it is spent (or after --epochs), and the LR schedule's "
+        "cosine is re-planned to end there from the measured step time.")
+    eval_every_minutes: float = _field(
+        0.0, "Also evaluate at the first checkpoint-interval end after every N minutes of training "
+        "(0: only every --eval_every_epochs).")
     checkpoint_every_steps: int = _field(100, "Save a resumable checkpoint every N steps.")
     backbone_weights: str = _field("", "Darknet .weights file for the CSPDarknet53 backbone.")
     fresh_start: bool = _field(False, "Start over in a model dir that holds another run.")
@@ -445,6 +452,9 @@ def check(config: "Config"):
             raise ConfigError(f"--{name}={getattr(t, name)}: must be >= 0 (0: off).")
     if not 0.0 <= t.ema_momentum < 1.0:
         raise ConfigError(f"--ema_momentum={t.ema_momentum}: must be in [0, 1).")
+    for name in ("train_minutes", "eval_every_minutes"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"--{name}={getattr(t, name)}: must be >= 0 (0: off).")
     if t.learning_rate <= 0:
         raise ConfigError(f"--learning_rate={t.learning_rate}: must be positive.")
     if d.scale_min <= 0 or d.scale_min > d.scale_max:

@@ -33,6 +33,7 @@ the Keras version it was checked against.
 
 import contextlib
 import functools
+import math
 
 import keras
 import tensorflow as tf
@@ -219,6 +220,37 @@ def learning_rate_schedule(peak, total_steps, warmup_steps):
         warmup_target=peak if warmup else None, warmup_steps=warmup), warmup
 
 
+class ReplannableSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """learning_rate_schedule's warm-up and cosine, with a length that can
+    change during training: `replan(total_steps)` (callbacks.TrainingClock,
+    for --train_minutes, where the number of steps the budget holds is only
+    known once the step time is measured). The length is a variable, so the
+    traced train step reads the new one."""
+
+    def __init__(self, peak, total_steps, warmup_steps):
+        self.peak = float(peak)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = tf.Variable(float(max(total_steps, self.warmup_steps + 1)), trainable=False,
+                                       dtype=tf.float32, name="planned_steps")
+
+    def replan(self, total_steps):
+        self.total_steps.assign(float(max(total_steps, self.warmup_steps + 1)))
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = float(max(self.warmup_steps, 1))
+        start = self.peak * WARMUP_START_FRACTION
+        warm = start + (self.peak - start) * step / warmup
+        decay = tf.maximum(self.total_steps - self.warmup_steps, 1.0)
+        progress = tf.clip_by_value((step - self.warmup_steps) / decay, 0.0, 1.0)
+        cosine = 0.5 * self.peak * (1.0 + tf.cos(math.pi * progress))
+        return tf.where(step < self.warmup_steps, warm, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": float(self.total_steps.numpy()),
+                "warmup_steps": self.warmup_steps}
+
+
 def make_optimizer(train_config, model, images_per_step, steps_per_epoch):
     """The optimizer of `train_config` (TrainConfig) for `model`.
 
@@ -228,7 +260,13 @@ def make_optimizer(train_config, model, images_per_step, steps_per_epoch):
     t = train_config
     total = steps_per_epoch * t.epochs
     peak = t.learning_rate * images_per_step / t.lr_reference_batch
-    schedule, warmup = learning_rate_schedule(peak, total, t.warmup_steps(steps_per_epoch))
+    if t.train_minutes:
+        # Planned for --epochs until the step time is measured
+        # (callbacks.TrainingClock calls replan).
+        warmup = min(t.warmup_steps(steps_per_epoch), max(total - 1, 0))
+        schedule = ReplannableSchedule(peak, total, warmup)
+    else:
+        schedule, warmup = learning_rate_schedule(peak, total, t.warmup_steps(steps_per_epoch))
     kwargs = dict(learning_rate=schedule, weight_decay=t.weight_decay or None,
                   global_clipnorm=t.global_clipnorm or None, average_decay=t.ema_momentum,
                   averaged_extra=batchnorm_statistics(model) if t.ema_momentum > 0 else ())
@@ -237,6 +275,8 @@ def make_optimizer(train_config, model, images_per_step, steps_per_epoch):
     else:
         kwargs["beta_1"] = t.momentum
     optimizer = recipe_class(t.optimizer)(**kwargs)
+    if isinstance(schedule, ReplannableSchedule):
+        optimizer.replannable_schedule = schedule  # for train_lib's TrainingClock
     if t.weight_decay:
         optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
     logging.info("%s: peak LR %.5g (%g per %d images x %d images/step), warmup %d steps, cosine over %d "

@@ -293,16 +293,27 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
     counter = callbacks_lib.StepCounter(step)
     watcher = callbacks_lib.NonFiniteLossWatcher(config.head_names, patience=t.max_nonfinite_steps, counter=counter)
     history = {"eval": []}
+    schedule = getattr(optimization.inner(model.optimizer), "replannable_schedule", None)
+    clock = callbacks_lib.TrainingClock(
+        budget_seconds=t.train_minutes * 60, every_seconds=t.eval_every_minutes * 60, initial_step=step,
+        plan=schedule.replan if schedule is not None else None)
 
     def end_of_epoch(epoch, last):
         if watcher.failed:
             return
         step_now = counter.step
+        last = last or clock.expired
         metrics = mean = None
-        if eval_sets and (epoch % t.eval_every_epochs == 0 or last):
+        if eval_sets and (epoch % t.eval_every_epochs == 0 or last or clock.due()):
+            if clock.due():
+                clock.tick()
             with optimization.averaged_weights(model):
                 metrics, mean = evaluator(model, step_now)
-            history["eval"].append({"epoch": epoch, "step": step_now, "metrics": metrics, "mean_ap": mean})
+            record = {"epoch": epoch, "step": step_now, "train_minutes": round(clock.seconds / 60, 4),
+                      "metrics": metrics, "mean_ap": mean}
+            history["eval"].append(record)
+            if chief:
+                callbacks_lib.append_eval_history(model_dir, record)
         if chief:
             callbacks_lib.save_best_and_last(model, model_dir, epoch, step_now, metrics, mean)
 
@@ -315,9 +326,12 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
                                     every=max(1, min(chunk, 10)), enabled=chief, counter=counter),
         # Evaluation and best/last run before the backup so a kill during a
         # long evaluation resumes before it and evaluates again.
-        callbacks_lib.EpochEnd(chunks_per_epoch, total_chunks, end_of_epoch),
-        checkpoint.ResumableBackup(model_dir, is_chief=chief, skip_if=lambda: watcher.failed,
-                                   step_fn=lambda: counter.step),
+        clock,
+        callbacks_lib.EpochEnd(chunks_per_epoch, total_chunks, end_of_epoch, also_if=clock.due),
+        # A run stopped by --train_minutes within an interval keeps the
+        # backup of the interval before (resuming needs interval ends).
+        checkpoint.ResumableBackup(model_dir, is_chief=chief, step_fn=lambda: counter.step,
+                                   skip_if=lambda: watcher.failed or counter.step % chunk != 0),
     ]
     dataset = train_data(config, model, start_step=step)
     fit = model.fit(dataset, epochs=total_chunks, initial_epoch=initial_chunk, steps_per_epoch=chunk,
@@ -326,8 +340,11 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
         shutil.rmtree(log_dir, ignore_errors=True)
     if watcher.failed:
         raise watcher.error
+    if clock.expired:
+        logging.info("Training stopped at step %d: --train_minutes=%g spent.", counter.step, t.train_minutes)
     return {"step": counter.step, "resumed": state is not None, "replicas": strategy.num_replicas_in_sync,
-            "history": fit.history, "eval": history["eval"], "model": model}
+            "history": fit.history, "eval": history["eval"], "model": model,
+            "train_seconds": clock.seconds}
 
 
 def evaluate_model_dir(config: Config, which="best"):
