@@ -14,7 +14,8 @@ in ../shared/data, BCCD evaluated on its test split):
               alone, --train_minutes=M, evaluated every --eval_every_minutes
               of training by train.py's own evaluator (EMA weights), then
               through its exported SavedModel (the `<name>_bytes`
-              signature, the served thresholds) at the end;
+              signature, exported with evaluation's score threshold 0.001)
+              at the end;
   ours_joint  one model, every dataset, one head each, for M x (number of
               datasets) minutes: the same images per dataset as the single
               runs, i.e. equal total compute (skipped with one dataset);
@@ -44,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATASETS = [f"bccd={ROOT}/../shared/data/bccd-coco", f"raccoon={ROOT}/../shared/data/raccoon-roboflow"]
 DEFAULT_VAL_SPLIT = "bccd=test"
 METRICS = ("AP", "AP50", "AP75")
+EVAL_SCORE_THRESHOLD = 0.001
 
 
 def parse_args(argv=None):
@@ -54,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=15.0, help="training budget per model and dataset")
     p.add_argument("--eval_every_minutes", type=float, default=3.0)
     p.add_argument("--flagfile", default=os.path.join(ROOT, "configs", "cpu_real.flags"))
+    p.add_argument("--image_size", type=int, default=0, help="0: the flagfile's (every model trains at it)")
     p.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "real_data"))
     p.add_argument("--models", default="ours,ours_joint,peer", help="comma list of ours,ours_joint,peer")
     p.add_argument("--peer_size", default="s", help="YOLOv8 backbone size (benchmarks/yolov8_peer.py)")
@@ -131,6 +134,15 @@ def format_record(record):
     return "; ".join(parts)
 
 
+def run_val_split(val_split, names):
+    """--val_split for a run on `names`: the parts naming its datasets (a
+    run on raccoon alone must not be told bccd=test)."""
+    if not val_split or "=" not in val_split:
+        return val_split
+    items = [item.strip() for item in val_split.split(",") if item.strip()]
+    return ",".join(item for item in items if item.partition("=")[0].strip() in names)
+
+
 def run_ours(names, args, work, cache_dir, minutes, label):
     """train.py on `names` for `minutes`; returns its history and the
     SavedModel's final metrics per dataset."""
@@ -139,9 +151,14 @@ def run_ours(names, args, work, cache_dir, minutes, label):
     cmd = [sys.executable, "train.py", f"--flagfile={args.flagfile}", *datasets,
            f"--model_dir={model_dir}", f"--data_cache_dir={cache_dir}", "--fresh_start",
            f"--train_minutes={minutes}", f"--eval_every_minutes={args.eval_every_minutes}",
-           "--export_after_training", *args.train_flags.split()]
-    if args.val_split:
-        cmd.append(f"--val_split={args.val_split}")
+           f"--image_size={args.image_size}", "--export_after_training",
+           # COCO AP counts low-scoring detections too: the SavedModel keeps
+           # what evaluation scores (0.001, as the peer's decoder) instead of
+           # the served default 0.05, which an early model may not reach.
+           f"--score_threshold={EVAL_SCORE_THRESHOLD}", *args.train_flags.split()]
+    split = run_val_split(args.val_split, names)
+    if split:
+        cmd.append(f"--val_split={split}")
     history_path = os.path.join(model_dir, "eval", "history.jsonl")
     if os.path.exists(history_path):
         os.remove(history_path)
@@ -271,7 +288,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     cache_dir = os.path.join(work, "data_cache")
     flags = read_flagfile(args.flagfile)
-    image_size = int(flags.get("image_size", 512))
+    image_size = args.image_size = args.image_size or int(flags.get("image_size", 512))
     batch_size = args.peer_batch_size or int(flags.get("batch_size", 8))
     log(f"datasets {args.datasets}; {args.minutes:g} min per model and dataset; {image_size} px; "
         f"{os.cpu_count()} CPUs; load {load_average()}")

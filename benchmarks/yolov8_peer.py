@@ -231,7 +231,7 @@ def evaluate(detect, dataset, evaluator):
 
 # ------------------------------------------------------------------ run
 
-def train_and_evaluate(tfrecord_dir, image_size=320, minutes=15.0, eval_every_minutes=3.0,
+def train_and_evaluate(tfrecord_dir, image_size=256, minutes=15.0, eval_every_minutes=3.0,
                        batch_size=8, seed=0, log=print, max_eval_images=None, size="s"):
     """Trains for `minutes` of training time, evaluating every
     `eval_every_minutes` (0: only at the end) and once at the end.
@@ -279,17 +279,21 @@ def train_and_evaluate(tfrecord_dir, image_size=320, minutes=15.0, eval_every_mi
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tfrecord_dir", required=True, help="A folder made by the converter.")
-    parser.add_argument("--image_size", type=int, default=320)
+    parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--eval_every_minutes", type=float, default=3.0)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--size", choices=sorted(BACKBONES), default="s")
     parser.add_argument("--max_eval_images", type=int, default=None)
+    parser.add_argument("--json", default="", help="also write the result here")
     args = parser.parse_args(argv)
     result = train_and_evaluate(args.tfrecord_dir, args.image_size, args.minutes, args.eval_every_minutes,
                                 args.batch_size, max_eval_images=args.max_eval_images, size=args.size,
                                 log=lambda line: print(line, flush=True))
     print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,77 @@ def test_watcher_resets_the_nan_running_mean():
     watcher.on_train_batch_end(0, {"food_cls_loss": float(tracker.result())})
     tracker.update_state(2.0)
     assert float(tracker.result()) == pytest.approx(2.0)
+
+
+class _FakeTime:
+    """Stands in for time.perf_counter: batches take the seconds given."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _run_batches(clock, fake, seconds):
+    model = clock.model
+    for i, s in enumerate(seconds):
+        clock.on_train_batch_begin(i)
+        fake.now += s
+        clock.on_train_batch_end(i)
+        fake.now += 100.0  # time between batches (evaluation, checkpoints) is not training time
+        if model.stop_training:
+            return i + 1
+    return len(seconds)
+
+
+def test_clock_counts_batches_after_the_first_and_stops_at_the_budget(monkeypatch):
+    fake = _FakeTime()
+    monkeypatch.setattr(callbacks.time, "perf_counter", fake)
+    ticks, plans = [], []
+    clock = callbacks.TrainingClock(budget_seconds=50, every_seconds=20, on_tick=lambda c: ticks.append(c.seconds),
+                                    plan=plans.append, calibration_steps=2, initial_step=100)
+    clock.set_model(types.SimpleNamespace(stop_training=False))
+    # First batch 60 s (tracing): apart. Then 10 s each: 50 s after batch 6.
+    done = _run_batches(clock, fake, [60.0] + [10.0] * 20)
+    assert clock.first_step_seconds == 60.0
+    assert done == 6 and clock.steps == 6 and clock.seconds == 50.0
+    assert clock.expired and clock.model.stop_training
+    # Ticks after the batches that crossed 20 s and 40 s of training.
+    assert ticks == [20.0, 40.0]
+    # Planned after 2 counted batches (20 s, 30 s left at 10 s/step: 3 more),
+    # then at each tick: 100 + 3 steps + 3 = 106; at 20 s the same; at 40 s,
+    # 100 + 5 + 1 = 106.
+    assert plans == [106, 106, 106]
+
+
+def test_clock_without_on_tick_says_due_until_ticked(monkeypatch):
+    fake = _FakeTime()
+    monkeypatch.setattr(callbacks.time, "perf_counter", fake)
+    clock = callbacks.TrainingClock(every_seconds=15)
+    clock.set_model(types.SimpleNamespace(stop_training=False))
+    _run_batches(clock, fake, [5.0, 10.0])
+    assert not clock.due()  # 10 s counted
+    _run_batches(clock, fake, [10.0, 30.0])
+    assert clock.due()  # 50 s: past the 15 s mark
+    clock.tick()
+    assert not clock.due()  # the next mark is 60 s
+    assert not clock.expired and not clock.model.stop_training
+
+
+def test_epoch_end_calls_fn_at_epochs_ticks_and_an_early_stop():
+    calls = []
+    ticked = {"due": False}
+    end = callbacks.EpochEnd(chunks_per_epoch=3, total_chunks=9, fn=lambda e, last: calls.append((e, last)),
+                             also_if=lambda: ticked["due"])
+    model = types.SimpleNamespace(stop_training=False)
+    end.set_model(model)
+    end.on_epoch_end(0)
+    end.on_epoch_end(1)
+    end.on_epoch_end(2)  # epoch 1 done
+    ticked["due"] = True
+    end.on_epoch_end(3)  # mid-epoch, but a tick is due
+    ticked["due"] = False
+    model.stop_training = True
+    end.on_epoch_end(4)  # a spent time budget stops mid-epoch: the last call
+    assert calls == [(1, False), (2, False), (2, True)]

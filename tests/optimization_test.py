@@ -1,7 +1,9 @@
 """The recipe's optimizer: EMA warm-up over weights and BatchNorm statistics,
 exact resume of the average, L2 weight decay as a loss term, and gradient
-clipping after the all-reduce (two logical CPUs, in a subprocess)."""
+clipping after the all-reduce (two logical CPUs, in a subprocess), and the
+schedule --train_minutes re-plans."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from effdet_tf import checkpoint, optimization
+from effdet_tf.config import TrainConfig
 from effdet_tf.modeling.detector import Detector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,3 +245,34 @@ def test_clipping_applies_to_the_global_gradient_under_two_replicas():
 
 if __name__ == "__main__":
     print(json.dumps(two_replica_updates("keras", "recipe")))
+
+
+def test_replannable_schedule_is_keras_cosine_of_the_planned_length():
+    """--train_minutes' schedule equals Keras's CosineDecay with warm-up of
+    the length it was (re)planned to, at every step."""
+    peak, warmup = 0.01, 5
+    schedule = optimization.ReplannableSchedule(peak, total_steps=40, warmup_steps=warmup)
+    for total in (40, 25, 90):
+        schedule.replan(total)
+        reference, _ = optimization.learning_rate_schedule(peak, total, warmup)
+        steps = np.arange(0, total + 10)
+        ours = np.array([float(schedule(s)) for s in steps])
+        keras_lr = np.array([float(reference(s)) for s in steps])
+        np.testing.assert_allclose(ours, keras_lr, rtol=1e-5, atol=1e-9)
+        assert ours[warmup] == pytest.approx(peak) and ours[total] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_train_minutes_builds_the_replannable_schedule():
+    config = TrainConfig(optimizer="adam", train_minutes=5.0, warmup_epochs=1.0, epochs=10, learning_rate=0.008,
+                         lr_reference_batch=64, ema_momentum=0.0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = optimization.make_optimizer(config, model, images_per_step=8, steps_per_epoch=20)
+    schedule = optimizer.replannable_schedule
+    assert isinstance(schedule, optimization.ReplannableSchedule)
+    schedule.replan(60)
+    # Peak 0.008 * 8 / 64 at the end of the 20-step warm-up; half of it
+    # halfway through the cosine (step 20 + 40 / 2).
+    assert float(schedule(20)) == pytest.approx(0.001)
+    assert float(schedule(40)) == pytest.approx(0.0005)
+    fixed = optimization.make_optimizer(dataclasses.replace(config, train_minutes=0.0), model, 8, 20)
+    assert not hasattr(fixed, "replannable_schedule")

@@ -1,13 +1,11 @@
 """Tests for benchmarks/yolov8_peer.py, the keras-cv YOLOV8Detector side of
-benchmarks/real_data.py: the letterbox's inverse, and a tiny run end to end."""
+benchmarks/real_data.py: the letterbox's inverse. tests/real_data_test.py runs
+the peer end to end through the benchmark (its CLI, a tiny budget)."""
 
-import contextlib
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -44,31 +42,3 @@ def test_letterbox_maps_back_to_original_pixels():
     np.testing.assert_allclose(yolov8_peer.to_original(forward, factors.numpy(), h, w), boxes, atol=1e-3)
     # Clipped to the original image (the padding lies outside it).
     assert yolov8_peer.to_original([[300, 200, 320, 320]], factors.numpy(), h, w)[0, 3] == h
-
-
-@pytest.fixture(scope="module")
-def tiny_tfrecords(tmp_path_factory):
-    from effdet_tf.data import data_cache, synthetic
-
-    root = tmp_path_factory.mktemp("peer")
-    data = synthetic.make_demo_datasets(root / "data", seed=4, num_train=6, num_val=3, image_size=64)
-    with contextlib.redirect_stdout(io.StringIO()):
-        return data_cache.ensure_tfrecords(data["appliance"], root / "cache", name="appliance",
-                                           num_workers=1, progress=False)
-
-
-def test_tiny_run_end_to_end(tiny_tfrecords):
-    lines = []
-    # The first step alone (tracing keras-cv's train step) outlasts the
-    # budget: one step, one evaluation at the tick, none repeated at the end.
-    result = yolov8_peer.train_and_evaluate(tiny_tfrecords, image_size=64, minutes=0.02,
-                                            eval_every_minutes=0.01, batch_size=2, size="xs",
-                                            log=lines.append)
-    assert result["steps"] > 0 and result["images_per_s"] > 0
-    assert result["parameters"] > 1_000_000
-    assert result["history"] and result["history"][-1]["step"] == result["steps"]
-    assert len({h["step"] for h in result["history"]}) == len(result["history"])
-    for entry in result["history"]:
-        assert all(0.0 <= entry[k] <= 1.0 for k in ("AP", "AP50", "AP75"))
-        assert entry["minutes"] > 0
-    assert len(lines) == 1 + len(result["history"]) and "AP50" in lines[-1]
