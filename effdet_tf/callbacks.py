@@ -51,10 +51,11 @@ class TrainingClock(keras.callbacks.Callback):
     and starts the input pipeline (a minute for the CPU flagfile), is
     timed apart (`first_step_seconds`), not counted. Once `budget_seconds`
     (0: none) have passed, the model stops after the current batch
-    (`expired`). Every `every_seconds` (0:
-    never) of training, `on_tick(clock)` runs after the batch that crossed
-    the mark, or `due()` says so to a caller that polls at its own points
-    (train_lib evaluates at checkpoint-interval ends).
+    (`expired`). Every `every_seconds` (0: never) of training,
+    `on_tick(clock)` runs after the batch that crossed the mark, or `due()`
+    says so to a caller that polls at its own points and calls `tick()`
+    (train_lib evaluates at checkpoint-interval ends). The clock is this
+    process's: a resumed run starts its budget afresh.
 
     `plan(total_steps)`, when given, is called once the step time is known
     (after `calibration_steps` untraced steps) and again at every tick, with

@@ -303,10 +303,11 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
             return
         step_now = counter.step
         last = last or clock.expired
+        due = clock.due()
+        if due:
+            clock.tick()
         metrics = mean = None
-        if eval_sets and (epoch % t.eval_every_epochs == 0 or last or clock.due()):
-            if clock.due():
-                clock.tick()
+        if eval_sets and (epoch % t.eval_every_epochs == 0 or last or due):
             with optimization.averaged_weights(model):
                 metrics, mean = evaluator(model, step_now)
             record = {"epoch": epoch, "step": step_now, "train_minutes": round(clock.seconds / 60, 4),
