@@ -447,14 +447,11 @@ def check(config: "Config"):
             raise ConfigError(f"--{name}={value}: must be positive.")
     if t.steps_per_epoch < 0:
         raise ConfigError(f"--steps_per_epoch={t.steps_per_epoch}: must be >= 0 (0: one pass over the data).")
-    for name in ("l2_weight_decay", "weight_decay", "global_clipnorm"):
+    for name in ("l2_weight_decay", "weight_decay", "global_clipnorm", "train_minutes", "eval_every_minutes"):
         if getattr(t, name) < 0:
             raise ConfigError(f"--{name}={getattr(t, name)}: must be >= 0 (0: off).")
     if not 0.0 <= t.ema_momentum < 1.0:
         raise ConfigError(f"--ema_momentum={t.ema_momentum}: must be in [0, 1).")
-    for name in ("train_minutes", "eval_every_minutes"):
-        if getattr(t, name) < 0:
-            raise ConfigError(f"--{name}={getattr(t, name)}: must be >= 0 (0: off).")
     if t.learning_rate <= 0:
         raise ConfigError(f"--learning_rate={t.learning_rate}: must be positive.")
     if d.scale_min <= 0 or d.scale_min > d.scale_max:
