@@ -1,14 +1,20 @@
 """Export a trained model dir as a SavedModel for TF Serving.
 
     python export.py --model_dir=DIR --export_dir=OUT [--version=N]
-        [--which=best|last] [--datasets=food,appliance]
+        [--which=best|last|best_<dataset>] [--datasets=food,appliance]
         [--score_threshold=0.05 --nms_method=hard|gaussian --iou_threshold=0.5
          --soft_nms_sigma=0.5 --pre_nms_topk=1000 --max_detections=100]
 
 Writes OUT/<N>/ (next free version by default): saved_model.pb, variables/,
-assets/label_map.json, tag `serve`, with signatures `<dataset>`,
-`<dataset>_bytes`, `all`, `all_bytes` and `serving_default` (the first
-dataset). See effdet_tf/export_lib.py and the README's TF Serving section.
+assets/label_map.json and class_equivalence.json,
+assets.extra/tf_serving_warmup_requests, tag `serve`, with signatures
+`<dataset>`, `<dataset>_bytes`, `<dataset>_tf_example`, `all`, `all_bytes`,
+`all_tf_example` and `serving_default` (the first dataset); and beside the
+versions OUT/batching_parameters.txt and OUT/models.config
+([--serving_model_name --serving_base_path --serving_max_batch_size
+--serving_batch_timeout_micros --serving_batch_threads --keep_versions
+--class_equivalence]). See effdet_tf/export_lib.py, effdet_tf/tf_serving.py
+and the README's TF Serving section.
 
 Post-processing comes from the model dir's config.json (the `postprocess`
 section, what its evaluation used); a flag given here replaces that one
@@ -28,9 +34,13 @@ _NOT_EXPORTED = ("eval_score_threshold",)
 flags.DEFINE_string("model_dir", None, "Training model dir (config.json + {best,last}.weights.h5).")
 flags.DEFINE_string("export_dir", None, "SavedModel root; the version goes in a numbered sub-folder.")
 flags.DEFINE_integer("version", 0, "SavedModel version (0: next free integer). An existing one is an error.")
-flags.DEFINE_enum("which", "best", ["best", "last"], "Which checkpoint's EMA weights to export.")
+flags.DEFINE_string("which", "best", "Which checkpoint's EMA weights to export: best (mean AP over datasets), "
+                    "last, or best_<dataset> (kept by train.py --keep_best_per_dataset).")
 flags.DEFINE_list("datasets", [], "Datasets (heads) to export, in signature order (default: all).")
 config_flags.define_override_flags("postprocess", exclude=_NOT_EXPORTED)
+# export_dir and the version are export.py's own flags above.
+_EXPORT_OWN = ("export_dir", "export_version")
+config_flags.define_override_flags("export", exclude=_EXPORT_OWN)
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 FLAGS = flags.FLAGS
 
@@ -49,6 +59,7 @@ def main(argv):
             version=FLAGS.version,
             which=FLAGS.which,
             datasets=FLAGS.datasets,
+            export_overrides=config_flags.overrides("export", exclude=_EXPORT_OWN),
             **config_flags.overrides("postprocess", exclude=_NOT_EXPORTED),
         )
     except export_lib.ExportError as e:

@@ -41,6 +41,11 @@ def main(argv):
     if summary:
         for name, m in summary["metrics"].items():
             logging.info("%s: AP %.4f AP50 %.4f AP75 %.4f", name, m["AP"], m["AP50"], m["AP75"])
+    if config.train.mode == "eval":
+        from effdet_tf.evaluation import per_class_table
+
+        for name, rows in summary["per_class"].items():
+            print(f"\n{name}: per class ({config.train.model_dir}/eval/report.json)\n{per_class_table(rows)}")
     return 0
 
 

@@ -19,6 +19,10 @@ from absl import logging
 
 from effdet_tf import checkpoint, evaluation
 
+# In MODEL_DIR/eval: one JSON line per evaluation; the last evaluation in full.
+EVAL_HISTORY = "history.jsonl"
+EVAL_REPORT = "report.json"
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN/inf for too many consecutive steps."""
@@ -281,6 +285,7 @@ class Evaluator:
         self.draw = draw
         self._detect_fns = {}
         self.served = {}  # {name: evaluation.served_share(...)} of the last call
+        self.per_class = {}  # {name: CocoEvaluator.per_class} of the last call
 
     def __call__(self, model, step):
         t, post = self.config.train, self.config.postprocess
@@ -292,8 +297,10 @@ class Evaluator:
             metrics[name], samples[name] = evaluation.evaluate(
                 model, dataset, coco_evaluator, name, keep_images=t.tensorboard_images,
                 detect_fn=self._detect_fns[key])
+            self.per_class[name] = coco_evaluator.per_class
             self._write_detections(name, coco_evaluator)
         mean = evaluation.mean_ap(metrics)
+        self._write_report(step, metrics, mean)
         for name, m in metrics.items():
             logging.info("step %d %s: %s", step, name, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
             s = self.served[name]
@@ -309,6 +316,11 @@ class Evaluator:
                     for key in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"):
                         tf.summary.scalar(f"{name}/{key}", m[key])
                 tf.summary.scalar("mean_AP", mean)
+                for name, rows in self.per_class.items():
+                    for row in rows:
+                        for key in ("AP", "AP50"):
+                            if row[key] is not None:
+                                tf.summary.scalar(f"{name}/per_class_{key}/{row['name']}", row[key])
                 if self.draw:
                     for name, items in samples.items():
                         if items:
@@ -326,6 +338,15 @@ class Evaluator:
             return
         checkpoint.atomic_write_text(evaluation.detections_file(self.log_dir, name),
                                      json.dumps(coco_evaluator.results))
+
+    def _write_report(self, step, metrics, mean):
+        """MODEL_DIR/eval/report.json: the last evaluation's metrics, its
+        per-class AP and AP50 for each dataset, and the served share."""
+        if not (self.is_chief and self.log_dir):
+            return
+        report = {"step": int(step), "mean_ap": mean, "metrics": metrics, "per_class": self.per_class,
+                  "served": self.served}
+        checkpoint.atomic_write_text(os.path.join(self.log_dir, EVAL_REPORT), json.dumps(report, indent=1) + "\n")
 
     def drawings(self, name, items):
         """Ground truth (white) and detections (a colour per class, with
@@ -352,9 +373,6 @@ class Evaluator:
         return np.stack(images).astype(np.uint8)
 
 
-EVAL_HISTORY = "history.jsonl"
-
-
 def append_eval_history(model_dir, record):
     """One JSON line per evaluation in MODEL_DIR/eval/history.jsonl: epoch,
     step, training minutes (TrainingClock) and the metrics per dataset."""
@@ -364,19 +382,30 @@ def append_eval_history(model_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
-def save_best_and_last(model, model_dir, epoch, step, metrics=None, mean_ap=None):
+def save_best_and_last(model, model_dir, epoch, step, metrics=None, mean_ap=None, per_dataset=False):
     """last.weights.h5 always; best.weights.h5 (+ best.json) when mean AP
-    beats the best so far. Both hold EMA weights."""
+    beats the best so far; with `per_dataset`, best_<dataset>.weights.h5
+    (+ .json) when that dataset's AP beats its own best. All hold EMA
+    weights. Returns the checkpoints written besides last ("best",
+    "best_<dataset>", ...)."""
     checkpoint.save_ema_weights(model, model_dir, "last")
     if metrics is None:
-        return False
-    best = checkpoint.best_metrics(model_dir)
-    if best is not None and best["mean_ap"] >= mean_ap:
-        return False
-    checkpoint.save_ema_weights(model, model_dir, "best")
-    checkpoint.atomic_write_text(
-        os.path.join(model_dir, checkpoint.BEST_METRICS),
-        json.dumps({"epoch": epoch, "step": step, "mean_ap": mean_ap, "metrics": metrics}, indent=1) + "\n")
-    logging.info("New best mean AP %.4f at epoch %d: %s", mean_ap, epoch,
-                 os.path.join(model_dir, checkpoint.BEST_WEIGHTS))
-    return True
+        return []
+    candidates = [("best", mean_ap)]
+    if per_dataset:
+        candidates += [(f"{checkpoint.PER_DATASET_BEST}{name}", m["AP"]) for name, m in metrics.items()]
+    written = []
+    for which, score in candidates:
+        best = checkpoint.best_metrics(model_dir, which)
+        if best is not None and best["mean_ap" if which == "best" else "AP"] >= score:
+            continue
+        checkpoint.save_ema_weights(model, model_dir, which)
+        record = {"epoch": epoch, "step": step, "mean_ap": mean_ap, "metrics": metrics}
+        if which != "best":
+            record["AP"] = score
+        checkpoint.atomic_write_text(os.path.join(model_dir, checkpoint.metrics_file(which)),
+                                     json.dumps(record, indent=1) + "\n")
+        logging.info("New %s (%s %.4f) at epoch %d: %s", which, "mean AP" if which == "best" else "AP", score,
+                     epoch, os.path.join(model_dir, checkpoint.weights_file(which)))
+        written.append(which)
+    return written

@@ -18,6 +18,7 @@ Every file is written to a temporary name in the same folder and renamed,
 so a run killed at any moment leaves either the old file or the new one.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -36,6 +37,22 @@ LAST_WEIGHTS = "last.weights.h5"
 BEST_METRICS = "best.json"
 BACKUP_DIR = "backup"
 _WHICH = {"best": BEST_WEIGHTS, "last": LAST_WEIGHTS}
+# --keep_best_per_dataset: best_<dataset>.weights.h5 and best_<dataset>.json.
+PER_DATASET_BEST = "best_"
+
+
+def weights_file(which):
+    """File name of checkpoint `which`: "best", "last" or "best_<dataset>"."""
+    if which in _WHICH:
+        return _WHICH[which]
+    if which.startswith(PER_DATASET_BEST) and len(which) > len(PER_DATASET_BEST):
+        return f"{which}.weights.h5"
+    raise ValueError(f"which must be 'best', 'last' or 'best_<dataset>', got {which!r}")
+
+
+def metrics_file(which):
+    """best.json, or best_<dataset>.json: the evaluation that made `which`."""
+    return BEST_METRICS if which == "best" else f"{which}.json"
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -145,17 +162,20 @@ def incompatibilities(saved: Config, new: Config) -> List[str]:
                 problems.append(f"dataset {a.name!r} maps its classes to other COCO category ids")
     for field in ("image_size", "width_multiplier", "depth_multiplier", "fpn_channels", "fpn_repeats",
                   "head_depth", "min_level", "max_level", "num_scales", "aspect_ratios", "anchor_scale"):
-        old, now = _norm(getattr(saved.model, field)), _norm(getattr(new.model, field))
+        old, now = comparable_field(getattr(saved.model, field)), comparable_field(getattr(new.model, field))
         if old != now:
-            problems.append(f"--{field}={_fmt(old)} in the model dir, --{field}={_fmt(now)} now")
+            problems.append(f"--{field}={format_field(old)} in the model dir, --{field}={format_field(now)} now")
     return problems
 
 
-def _norm(v):
+def comparable_field(v):
+    """A model-config value in a form that compares equal across JSON
+    round trips (lists -> tuples of floats)."""
     return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-def _fmt(v):
+def format_field(v):
+    """A model-config value as its flag is written."""
     return ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
 
 
@@ -193,9 +213,10 @@ def prepare_model_dir(config: Config, write=True):
 
 
 def clear_checkpoints(model_dir):
-    for name in (BEST_WEIGHTS, LAST_WEIGHTS, BEST_METRICS, CONFIG_FILE):
-        path = os.path.join(model_dir, name)
-        if os.path.exists(path):
+    paths = [os.path.join(model_dir, n) for n in (BEST_WEIGHTS, LAST_WEIGHTS, BEST_METRICS, CONFIG_FILE)]
+    paths += glob.glob(os.path.join(glob.escape(model_dir), f"{PER_DATASET_BEST}*"))  # best_<dataset>.*
+    for path in paths:
+        if os.path.isfile(path):
             os.remove(path)
     for name in (BACKUP_DIR, "train", "eval"):
         shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
@@ -220,9 +241,7 @@ def build_detector(config: Config, dtype=None):
 def weights_path(model_dir, which="best"):
     """Path of the exportable weights. "best" falls back to "last" when no
     evaluation has run yet (a --mode=train run)."""
-    if which not in _WHICH:
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    path = os.path.join(model_dir, _WHICH[which])
+    path = os.path.join(model_dir, weights_file(which))
     if os.path.exists(path):
         return path
     if which == "best":
@@ -231,7 +250,7 @@ def weights_path(model_dir, which="best"):
             logging.warning("%s has no %s (no evaluation yet); using %s.", model_dir, BEST_WEIGHTS, LAST_WEIGHTS)
             return last
     raise CheckpointNotFoundError(
-        f"{model_dir} has no checkpoint to load ({_WHICH[which]}"
+        f"{model_dir} has no checkpoint to load ({weights_file(which)}"
         + (f" or {LAST_WEIGHTS}" if which == "best" else "")
         + " missing): train first with `python train.py --model_dir=...`."
     )
@@ -254,8 +273,8 @@ def load_detector(model_dir, which="best") -> Tuple["keras.Model", Config]:
     return detector, config
 
 
-def best_metrics(model_dir) -> Optional[dict]:
-    path = os.path.join(model_dir, BEST_METRICS)
+def best_metrics(model_dir, which="best") -> Optional[dict]:
+    path = os.path.join(model_dir, metrics_file(which))
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -264,10 +283,10 @@ def best_metrics(model_dir) -> Optional[dict]:
 
 # ---------------------------------------------------------------- EMA
 def save_ema_weights(model, model_dir, which):
-    """Writes model_dir/{best,last}.weights.h5 with the EMA weights (and
-    the EMA of the BatchNorm statistics)."""
+    """Writes model_dir/{best,last,best_<dataset>}.weights.h5 with the EMA
+    weights (and the EMA of the BatchNorm statistics)."""
     with averaged_weights(model):
-        atomic_save_weights(model, os.path.join(model_dir, _WHICH[which]), weights_only=True)
+        atomic_save_weights(model, os.path.join(model_dir, weights_file(which)), weights_only=True)
 
 
 # ---------------------------------------------------------------- resuming

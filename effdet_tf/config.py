@@ -32,9 +32,10 @@ class ConfigError(ValueError):
     with the flag it is about, e.g. "--batch_size=6: ..."."""
 
 
-def _field(default, help, choices=None, flag=True):
-    """A dataclass field with the help text (and choices) its flag shows."""
-    metadata = {"help": help, "flag": flag}
+def _field(default, help, choices=None, flag=True, items=float):
+    """A dataclass field with the help text (and choices) its flag shows;
+    `items`: the element type of a tuple field's comma-separated flag."""
+    metadata = {"help": help, "flag": flag, "items": items}
     if choices is not None:
         metadata["choices"] = choices
     if isinstance(default, (list, dict)):
@@ -63,6 +64,9 @@ class DatasetConfig:
     batch_size: int = 8  # global (all replicas) images of this dataset per step
     loss_weight: float = 1.0
     num_train_examples: int = 0  # filled from the converter's report if known
+    # False: a head carried over from --init_from and frozen, with no
+    # training data in this run (still evaluated if its val split exists).
+    trains: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -95,8 +99,14 @@ class ModelConfig:
     aspect_ratios: Tuple[float, ...] = _field((1.0, 2.0, 0.5), "Anchor aspect ratios.")
     anchor_scale: float = _field(4.0, "Anchor size in units of the level's stride.")
     box_loss: str = _field("huber", "Box regression loss.", BOX_LOSSES)
+    bn_momentum: float = _field(
+        0.99, "Momentum of every BatchNorm's moving statistics (EfficientDet, Darknet: 0.99, an average "
+        "over ~100 steps; ultralytics YOLOv8: 0.97). A run of a few hundred steps needs a lower one: the "
+        "moving statistics otherwise lag the weights and evaluation collapses (BENCHMARKS.md).")
 
     def check(self):
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ConfigError(f"--bn_momentum={self.bn_momentum}: must be in [0, 1).")
         if self.image_size % (2 ** self.max_level):
             raise ConfigError(
                 f"--image_size={self.image_size} must be a multiple of "
@@ -143,8 +153,14 @@ class DataConfig:
         raise KeyError(f"No dataset named {name!r}; known: {self.head_names}")
 
     @property
+    def training_datasets(self) -> Tuple[DatasetConfig, ...]:
+        """The datasets this run reads training data from (not the heads
+        --init_from carried over frozen and without data)."""
+        return tuple(d for d in self.datasets if d.trains)
+
+    @property
     def images_per_step(self) -> int:
-        return sum(d.batch_size for d in self.datasets)
+        return sum(d.batch_size for d in self.training_datasets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +205,21 @@ class TrainConfig:
     eval_every_minutes: float = _field(
         0.0, "Also evaluate at the first checkpoint-interval end after every N minutes of training "
         "(0: only every --eval_every_epochs).")
+    keep_best_per_dataset: bool = _field(
+        False, "Besides best.weights.h5 (the best mean AP over datasets), keep best_<dataset>.weights.h5 "
+        "(+ best_<dataset>.json) at each dataset's own best AP; export.py --which=best_<dataset> exports it.")
     checkpoint_every_steps: int = _field(100, "Save a resumable checkpoint every N steps.")
+    init_from: str = _field(
+        "", "Start from a trained run's model dir (its best EMA weights): the trunk (backbone + BiFPN) and "
+        "every head whose dataset name and label map match are loaded, a new dataset gets a fresh head; a "
+        "head of that run not named by --dataset is kept if frozen (--freeze=heads:NAME). A resumable "
+        "backup in --model_dir takes precedence.")
+    reinit_heads: Tuple[str, ...] = _field(
+        (), "With --init_from: datasets whose head starts fresh (e.g. its label map changed).", items=str)
+    freeze: Tuple[str, ...] = _field(
+        (), "Parts that take no gradient, keep BatchNorm in inference mode and get no optimizer slots: "
+        "backbone, trunk (backbone + BiFPN), heads:NAME[,NAME...], e.g. --freeze=trunk,heads:food,tools.",
+        items=str)
     backbone_weights: str = _field("", "Darknet .weights file for the CSPDarknet53 backbone.")
     fresh_start: bool = _field(False, "Start over in a model dir that holds another run.")
     max_nonfinite_steps: int = _field(20, "Stop after this many consecutive steps with a non-finite loss.")
@@ -213,6 +243,22 @@ class ExportConfig:
 
     export_dir: str = _field("", "SavedModel root; versions go in numbered subfolders.")
     export_version: int = _field(0, "SavedModel version (0: next free).")
+    serving_model_name: str = _field("effdet", "The model's name in models.config (TF Serving's MODEL_NAME).")
+    serving_base_path: str = _field(
+        "", "base_path in models.config: where the server sees the export dir (default /models/<name>, "
+        "the docker mount of the README).")
+    serving_max_batch_size: int = _field(
+        8, "batching_parameters.txt's max_batch_size, also the warm-up's largest batch.")
+    serving_batch_timeout_micros: int = _field(
+        1000, "batching_parameters.txt's batch_timeout_micros (TF Serving's batching guide: slightly above 0).")
+    serving_batch_threads: int = _field(
+        0, "batching_parameters.txt's num_batch_threads and max_enqueued_batches (0: this machine's CPU count).")
+    keep_versions: int = _field(
+        0, "After a new version is complete, remove the oldest beyond the newest N (0: keep all).")
+    class_equivalence: str = _field(
+        "", "JSON file of the classes the `all` signatures merge across heads: a list of lists of "
+        "\"dataset:category_id\" that mean the same thing ([]: no merging). Default: the classes whose "
+        "names match (MODEL_DIR/label_audit.json's \"shared\").")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +366,7 @@ class Config:
             "anchor_scale": m.anchor_scale,
             "head_loss_weights": {d.name: d.loss_weight for d in self.data.datasets},
             "box_loss": m.box_loss,
+            "bn_momentum": m.bn_momentum,
         }
 
     def replace(self, **sections) -> "Config":
@@ -447,6 +494,12 @@ def check(config: "Config"):
             raise ConfigError(f"--{name}={value}: must be positive.")
     if t.steps_per_epoch < 0:
         raise ConfigError(f"--steps_per_epoch={t.steps_per_epoch}: must be >= 0 (0: one pass over the data).")
+    e = config.export
+    if e.serving_max_batch_size <= 0:
+        raise ConfigError(f"--serving_max_batch_size={e.serving_max_batch_size}: must be positive.")
+    for name in ("serving_batch_timeout_micros", "serving_batch_threads", "keep_versions"):
+        if getattr(e, name) < 0:
+            raise ConfigError(f"--{name}={getattr(e, name)}: must be >= 0.")
     for name in ("l2_weight_decay", "weight_decay", "global_clipnorm", "train_minutes", "eval_every_minutes"):
         if getattr(t, name) < 0:
             raise ConfigError(f"--{name}={getattr(t, name)}: must be >= 0 (0: off).")
@@ -464,7 +517,7 @@ def check(config: "Config"):
 
 def check_replicas(config: "Config", num_replicas: int):
     """Each dataset's global batch must split evenly over the replicas."""
-    for ds in config.data.datasets:
+    for ds in config.data.training_datasets:
         if ds.batch_size % num_replicas:
             flag = "--batch_size" if ds.batch_size == config.data.batch_size else f"--dataset_batch_size={ds.name}"
             raise ConfigError(

@@ -72,6 +72,9 @@ class CocoEvaluator:
     def reset(self):
         self.results = []
         self.image_ids = set()
+        # [{"index", "id", "name", "ground_truth", "AP", "AP50"}] per
+        # label-map class, set by result().
+        self.per_class = None
 
     def add(self, image_ids, boxes, scores, classes, num_detections, scales, original_sizes=None):
         """Adds a batch of detections.
@@ -135,6 +138,7 @@ class CocoEvaluator:
         if not self.image_ids:
             raise ValueError("No images were evaluated.")
         if not self.results:
+            self.per_class = self._per_class(None)
             return {name: 0.0 for name in METRIC_NAMES}
         with _quiet():
             detections = self.coco.loadRes(copy.deepcopy(self.results))
@@ -143,9 +147,55 @@ class CocoEvaluator:
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
+        self.per_class = self._per_class(coco_eval)
         # -1 marks "no ground truth in this area range": report 0 instead of
         # a negative AP on charts.
         return {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
+
+    def _per_class(self, coco_eval):
+        """AP and AP50 of each label-map class over the evaluated images,
+        from the same COCOeval as the summary: its precision array is
+        [IoU threshold, recall point, category, area range, max dets], and
+        a class's AP is the mean of its entries over every IoU threshold
+        and recall point (area "all", 100 detections), AP50 the same at
+        IoU 0.5 alone; summarize()'s AP is their mean over the classes.
+        A class with no ground truth in the evaluated images has no AP
+        (None), as COCO marks it -1 and leaves it out of the mean."""
+        image_ids = self.image_ids
+        out = []
+        for index, category_id in enumerate(self.category_ids.tolist()):
+            annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=sorted(image_ids), catIds=[category_id]))
+            ground_truth = sum(1 for a in annotations if not a.get("iscrowd", 0))
+            row = {"index": index, "id": int(category_id), "name": self.coco.cats[category_id].get("name", ""),
+                   "ground_truth": ground_truth, "AP": None, "AP50": None}
+            if coco_eval is None:
+                if ground_truth:
+                    row["AP"] = row["AP50"] = 0.0
+            else:
+                k = coco_eval.params.catIds.index(category_id)
+                precision = coco_eval.eval["precision"][:, :, k, 0, -1]
+                iou_50 = int(np.argmin(np.abs(coco_eval.params.iouThrs - 0.5)))
+                if (precision > -1).any():
+                    row["AP"] = float(np.mean(precision[precision > -1]))
+                    at_50 = precision[iou_50]
+                    row["AP50"] = float(np.mean(at_50[at_50 > -1]))
+            out.append(row)
+        return out
+
+
+def per_class_table(per_class) -> str:
+    """A fixed-width table of CocoEvaluator.per_class (class, id, ground
+    truth boxes, AP, AP50; "-" where a class has no ground truth)."""
+
+    def number(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    rows = [(r["name"], str(r["id"]), str(r["ground_truth"]), number(r["AP"]), number(r["AP50"])) for r in per_class]
+    header = ("class", "id", "boxes", "AP", "AP50")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    return "\n".join(lines)
 
 
 def make_detect_fn(detector, head, postprocess_kwargs=None):

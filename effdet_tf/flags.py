@@ -132,7 +132,9 @@ def config_from_values(values) -> config_lib.Config:
     sections = {name: {} for name, _ in config_lib.SECTIONS}
     for section, field in config_lib.flag_fields():
         value = values[field.name]
-        if isinstance(field.default, tuple):
+        if isinstance(field.default, tuple) and field.metadata["items"] is str:
+            value = tuple(v.strip() for v in value if v.strip())
+        elif isinstance(field.default, tuple):
             try:
                 value = tuple(float(v) for v in value)
             except ValueError:
@@ -142,11 +144,14 @@ def config_from_values(values) -> config_lib.Config:
     if not train["model_dir"]:
         raise ConfigError("--model_dir is required.")
     train["model_dir"] = os.path.abspath(os.path.expanduser(train["model_dir"]))
-    for key in ("backbone_weights", "generate_demo_data"):
+    for key in ("backbone_weights", "generate_demo_data", "init_from"):
         if train[key]:
             train[key] = os.path.abspath(os.path.expanduser(train[key]))
     if train["backbone_weights"] and not os.path.isfile(train["backbone_weights"]):
         raise ConfigError(f"--backbone_weights={train['backbone_weights']}: no such file.")
+    if sections["export"]["class_equivalence"]:
+        sections["export"]["class_equivalence"] = os.path.abspath(
+            os.path.expanduser(sections["export"]["class_equivalence"]))
     data = sections["data"]
     if data["data_cache_dir"]:
         data["data_cache_dir"] = os.path.abspath(os.path.expanduser(data["data_cache_dir"]))

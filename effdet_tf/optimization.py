@@ -88,11 +88,13 @@ def decay_variables(model):
 
 
 def batchnorm_statistics(model):
-    """Every BatchNorm layer's moving mean and variance: averaged with the
-    weights, as automl's EMA does."""
+    """Every trainable BatchNorm layer's moving mean and variance: averaged
+    with the weights, as automl's EMA does. A frozen layer's (--freeze)
+    are left out, as its weights are: they do not change, and averaging a
+    constant would still round it."""
     out = []
     for layer in sublayers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
             out += [layer.moving_mean, layer.moving_variance]
     return out
 

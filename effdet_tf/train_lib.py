@@ -26,7 +26,7 @@ import tensorflow as tf
 from absl import logging
 
 from effdet_tf import callbacks as callbacks_lib
-from effdet_tf import checkpoint, evaluation, optimization
+from effdet_tf import checkpoint, evaluation, label_audit, optimization, transfer
 from effdet_tf.config import Config, ConfigError, check_replicas, classes_from_label_map
 
 # ---------------------------------------------------------------- strategy
@@ -144,7 +144,7 @@ def schedule_lengths(config: Config):
     """(steps_per_epoch, chunk, chunks_per_epoch, total_chunks)."""
     t = config.train
     steps = t.steps_per_epoch or max(
-        math.ceil(d.num_train_examples / d.batch_size) for d in config.data.datasets)
+        math.ceil(d.num_train_examples / d.batch_size) for d in config.data.training_datasets)
     chunk = min(t.checkpoint_every_steps, steps)
     chunks_per_epoch = math.ceil(steps / chunk)
     if chunks_per_epoch * chunk != steps:
@@ -170,7 +170,7 @@ def train_data(config: Config, detector, start_step=0):
         mosaic_prob=d.mosaic_prob, mixup_prob=d.mixup_prob, hsv_prob=d.hsv_prob,
         flip_prob=d.flip_prob, scale_min=d.scale_min, scale_max=d.scale_max)
     per_dataset = {}
-    for i, ds in enumerate(d.datasets):
+    for i, ds in enumerate(d.training_datasets):
         per_dataset[ds.name] = pipeline.train_dataset(
             os.path.join(ds.tfrecord_dir, "train-*.tfrecord"),
             batch_size=ds.batch_size,
@@ -221,6 +221,7 @@ def build_model(config: Config, strategy, steps_per_epoch):
         detector = checkpoint.build_detector(config)
         if config.train.sync_batchnorm:
             set_sync_batchnorm(detector)
+        transfer.apply_freeze(detector, config.train.freeze)  # before the optimizer picks its variables
         optimizer = optimization.make_optimizer(config.train, detector, config.data.images_per_step,
                                                 steps_per_epoch)
         detector.compile(optimizer=optimizer, l2_weight_decay=config.train.l2_weight_decay,
@@ -245,12 +246,14 @@ def prepare(config: Config):
     # inherit the threads a (multi-worker) strategy starts.
     if config.train.generate_demo_data:
         generate_demo_data(config.train.generate_demo_data, config.data.seed)
-    config = resolve_datasets(config)
+    config = transfer.plan(resolve_datasets(config))
     strategy = make_strategy(config.train.strategy)
     check_replicas(config, strategy.num_replicas_in_sync)
     keras.mixed_precision.set_global_policy(config.train.precision)
     chief = is_chief(strategy)
     checkpoint.prepare_model_dir(config, write=chief)
+    if chief:
+        label_audit.write_label_audit(config, config.train.model_dir)
     return config, strategy, chief
 
 
@@ -273,7 +276,9 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
 
     state = checkpoint.restore_training_state(model, model_dir)
     step = int(state["step"]) if state else 0
-    if state is None and t.backbone_weights:
+    if state is None and t.init_from:
+        transfer.load_initial_weights(model, config)
+    elif state is None and t.backbone_weights:
         from effdet_tf.modeling.darknet_weights import load_darknet_weights
 
         logging.info("Darknet weights: %s", load_darknet_weights(model.backbone, t.backbone_weights))
@@ -316,7 +321,8 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
             if chief:
                 callbacks_lib.append_eval_history(model_dir, record)
         if chief:
-            callbacks_lib.save_best_and_last(model, model_dir, epoch, step_now, metrics, mean)
+            callbacks_lib.save_best_and_last(model, model_dir, epoch, step_now, metrics, mean,
+                                             per_dataset=t.keep_best_per_dataset)
 
     log_dir = model_dir if chief else os.path.join(model_dir, f".worker-{os.getpid()}")
     cbs = [
@@ -358,7 +364,8 @@ def evaluate_model_dir(config: Config, which="best"):
     evaluator = callbacks_lib.Evaluator(config, eval_sets, os.path.join(config.train.model_dir, "eval"))
     metrics, mean = evaluator(detector, step)
     # "served": how many of the scored detections the exported model keeps.
-    return {"metrics": metrics, "mean_ap": mean, "served": dict(evaluator.served)}
+    return {"metrics": metrics, "mean_ap": mean, "served": dict(evaluator.served),
+            "per_class": dict(evaluator.per_class)}
 
 
 def run(config: Config):

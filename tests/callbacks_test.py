@@ -115,3 +115,39 @@ def test_epoch_end_calls_fn_at_epochs_ticks_and_an_early_stop():
     model.stop_training = True
     end.on_epoch_end(4)  # a spent time budget stops mid-epoch: the last call
     assert calls == [(1, False), (2, False), (2, True)]
+
+
+def test_best_per_dataset_keeps_each_datasets_own_best(tmp_path):
+    import json
+
+    import numpy as np
+
+    from effdet_tf import checkpoint
+
+    def marked(value):
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.layers[0].kernel.assign(np.full((2, 1), value, np.float32))
+        return model
+
+    evaluations = [  # (marker, AP of a, AP of b)
+        (1.0, 0.2, 0.1),  # mean 0.15: a first best of everything
+        (2.0, 0.1, 0.3),  # mean 0.20: best and best_b
+        (3.0, 0.3, 0.0),  # mean 0.15: best_a only
+    ]
+    written = []
+    for step, (marker, ap_a, ap_b) in enumerate(evaluations, 1):
+        metrics = {"a": {"AP": ap_a}, "b": {"AP": ap_b}}
+        written.append(callbacks.save_best_and_last(marked(marker), str(tmp_path), step, step, metrics,
+                                                    (ap_a + ap_b) / 2, per_dataset=True))
+    assert written == [["best", "best_a", "best_b"], ["best", "best_b"], ["best_a"]]
+    for which, marker in (("best", 2.0), ("best_a", 3.0), ("best_b", 2.0), ("last", 3.0)):
+        model = marked(0.0)
+        model.load_weights(str(tmp_path / checkpoint.weights_file(which)))
+        assert float(model.layers[0].kernel.numpy()[0, 0]) == marker, which
+    with open(tmp_path / "best_a.json") as f:
+        assert json.load(f)["AP"] == 0.3 and checkpoint.best_metrics(str(tmp_path), "best_a")["step"] == 3
+    # Without the flag only best and last are written; --fresh_start clears all.
+    assert callbacks.save_best_and_last(marked(4.0), str(tmp_path / "plain"), 1, 1, {"a": {"AP": 0.5}}, 0.5) == ["best"]
+    assert not list((tmp_path / "plain").glob("best_*"))
+    checkpoint.clear_checkpoints(str(tmp_path))
+    assert not list(tmp_path.glob("best*")) and not (tmp_path / "last.weights.h5").exists()

@@ -48,6 +48,44 @@ def test_dict_input_runs_each_head_on_its_own_images_only():
         model({"cars": appliance_images})
 
 
+def test_detect_runs_only_the_heads_asked_for():
+    model = tiny_detector()
+    images = tf.constant(np.random.default_rng(1).uniform(0, 255, [2, 128, 128, 3]), tf.float32)
+    every_head = model.detect(images, score_threshold=0.0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the appliance head ran")
+
+    model.class_nets["appliance"].call = refuse
+    model.box_nets["appliance"].call = refuse
+    # The patch is live: asking for every head reaches the appliance head.
+    with pytest.raises(AssertionError, match="appliance head ran"):
+        model.detect(images)
+    food = model.detect(images, heads=["food"], score_threshold=0.0)
+    assert set(food) == {"food"}
+    for key in ("boxes", "scores", "classes", "num_detections"):
+        np.testing.assert_allclose(food["food"][key], every_head["food"][key], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown heads.*cars"):
+        model.detect(images, heads=["cars"])
+
+
+def test_bn_momentum_reaches_every_batchnorm_and_its_moving_statistics():
+    images = tf.constant(np.random.default_rng(2).uniform(0, 255, [2, 128, 128, 3]), tf.float32)
+    stems = {}
+    for momentum in (0.9, None):  # None: the layers' own 0.99
+        keras.utils.set_random_seed(0)
+        model = tiny_detector(bn_momentum=momentum)
+        norms = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+        assert len(norms) > 50 and {l.momentum for l in norms} == {momentum or 0.99}
+        model(images, training=True)
+        stems[momentum] = next(l for l in norms if l.path.startswith("stem")).moving_mean.numpy()
+    assert Detector.from_config(tiny_detector(bn_momentum=0.9).get_config()).bn_momentum == 0.9
+    # From 0, one step moves the moving mean (1 - momentum) of the way to the
+    # batch mean: ten times as far at 0.9 as at 0.99 (same weights, same batch).
+    assert np.any(stems[None] != 0)
+    np.testing.assert_allclose(stems[0.9], 10 * stems[None], rtol=1e-3, atol=1e-7)
+
+
 def test_logits_are_float32_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -101,6 +101,51 @@ def test_no_detections_and_unknown_ids():
         evaluation.CocoEvaluator(str(path), [1, 2, 3])
 
 
+# Three classes, one without ground truth, on two 100 px images.
+PETS = {
+    "images": [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}],
+    "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 9, "name": "bird"}],
+    "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0},
+        {"id": 2, "image_id": 2, "category_id": 7, "bbox": [50, 50, 20, 20], "area": 400, "iscrowd": 0},
+    ],
+}
+
+
+def test_per_class_ap_and_ap50():
+    evaluator = evaluation.CocoEvaluator(PETS, [3, 7, 9])
+    # Image 1: the cat found exactly (cat AP 1). Image 2: a confident dog
+    # where there is none, then the dog exactly: precision 1/2 at every
+    # recall up to 1 (dog AP 0.5 at every IoU). A bird where there is none.
+    yxyx = np.array([[[10, 10, 40, 40], [0, 0, 0, 0], [0, 0, 0, 0]],
+                     [[0, 0, 20, 20], [50, 50, 70, 70], [75, 75, 95, 95]]], np.float32)
+    scores = np.array([[0.9, 0, 0], [0.95, 0.5, 0.4]], np.float32)
+    classes = np.array([[0, 0, 0], [1, 1, 2]])
+    evaluator.add([1, 2], yxyx, scores, classes, [1, 3], [1.0, 1.0])
+    metrics = evaluator.result()
+    rows = {r["name"]: r for r in evaluator.per_class}
+    assert [r["id"] for r in evaluator.per_class] == [3, 7, 9]
+    assert rows["cat"]["AP"] == pytest.approx(1.0) and rows["cat"]["AP50"] == pytest.approx(1.0)
+    assert rows["dog"]["AP"] == pytest.approx(0.5) and rows["dog"]["AP50"] == pytest.approx(0.5)
+    assert rows["bird"]["AP"] is None and rows["bird"]["AP50"] is None
+    assert [rows[n]["ground_truth"] for n in ("cat", "dog", "bird")] == [1, 1, 0]
+    # COCO's summary AP is the mean over the classes that have ground truth.
+    assert metrics["AP"] == pytest.approx(0.75)
+    table = evaluation.per_class_table(evaluator.per_class).splitlines()
+    assert table[0].split() == ["class", "id", "boxes", "AP", "AP50"]
+    assert table[2].split() == ["dog", "7", "1", "0.5000", "0.5000"]
+    assert table[3].split() == ["bird", "9", "0", "-", "-"]
+
+
+def test_per_class_without_detections_is_zero_where_there_is_ground_truth():
+    evaluator = evaluation.CocoEvaluator(PETS, [3, 7, 9])
+    evaluator.add([1], np.zeros((1, 2, 4)), np.zeros((1, 2)), np.zeros((1, 2)), [0], [1.0])
+    evaluator.result()
+    # Only image 1 was evaluated: the dog's box is on image 2.
+    assert [(r["name"], r["ground_truth"], r["AP"]) for r in evaluator.per_class] == [
+        ("cat", 1, 0.0), ("dog", 0, None), ("bird", 0, None)]
+
+
 def test_mean_ap():
     assert evaluation.mean_ap({"a": {"AP": 0.2}, "b": {"AP": 0.4}}) == pytest.approx(0.3)
 
@@ -266,6 +311,20 @@ def test_ap_of_saved_model_detections_is_the_ap_mode_eval_reports(real, name):
     assert reported["AP50"] > 0  # premise: some boxes hit, so equality means something
     for key in evaluation.METRIC_NAMES:
         assert metrics[key] == pytest.approx(reported[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_mode_eval_report_has_per_class_ap_whose_mean_is_the_summary_ap(real, name):
+    with open(Path(real["model_dir"]) / "eval" / "report.json") as f:
+        report = json.load(f)
+    assert report["per_class"] == real["eval"]["per_class"]
+    rows = report["per_class"][name]
+    assert [r["id"] for r in rows] == [c.id for c in real["config"].data.dataset(name).classes]
+    scored = [r["AP"] for r in rows if r["AP"] is not None]
+    assert scored and max(scored) > 0  # premise: some class has boxes that hit
+    # COCO's AP is the mean over the classes with ground truth.
+    assert np.mean(scored) == pytest.approx(report["metrics"][name]["AP"], abs=1e-6)
+    assert all(r["AP50"] >= r["AP"] for r in rows if r["AP"] is not None)
 
 
 @pytest.mark.parametrize("name", list(DATASETS))

@@ -32,7 +32,8 @@ IMAGE_SIZE = 128
 SCORE_THRESHOLD = 0.3
 MAX_DETECTIONS = 20
 HEADS = {"appliance": [52, 55, 61], "food": [78, 80, 81, 90]}
-SIGNATURES = ["appliance", "appliance_bytes", "food", "food_bytes", "all", "all_bytes", "serving_default"]
+SIGNATURES = ["appliance", "appliance_bytes", "appliance_tf_example", "food", "food_bytes", "food_tf_example",
+              "all", "all_bytes", "all_tf_example", "serving_default"]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
 
 # Runs in a fresh `python -I` process: TensorFlow only. effdet_tf and
@@ -51,14 +52,21 @@ saved_model, inputs, out = sys.argv[1:4]
 model = tf.saved_model.load(saved_model)
 data = np.load(inputs, allow_pickle=True)
 results = {}
+examples = [tf.train.Example(features=tf.train.Features(feature={"image/encoded": tf.train.Feature(
+    bytes_list=tf.train.BytesList(value=[b]))})).SerializeToString() for b in data["bytes"]]
 for name, fn in model.signatures.items():
     if name.endswith("_bytes"):
         feeds = {"bytes": {"image_bytes": tf.constant(list(data["bytes"]))}}
+    elif name.endswith("_tf_example"):
+        feeds = {"bytes": {"serialized_examples": tf.constant(examples)}}
     else:
         feeds = {k: {"images": tf.constant(data[k])} for k in ("small", "large")}
     for feed, kwargs in feeds.items():
         for key, value in fn(**kwargs).items():
-            results[f"{name}/{feed}/{key}"] = value.numpy()
+            value = value.numpy()
+            if value.dtype == object:  # strings: saved as unicode, loadable without pickle
+                value = np.char.decode(value.astype("S"), "utf-8")
+            results[f"{name}/{feed}/{key}"] = value
 np.savez(out, **results)
 print(json.dumps({
     "signatures": sorted(model.signatures),
@@ -281,7 +289,8 @@ def exported(tmp_path_factory):
 def test_layout_version_and_asset(exported):
     path = exported["path"]
     assert path == os.path.join(exported["export_dir"], "1")
-    assert sorted(os.listdir(exported["export_dir"])) == ["1"], "no temporary folder left behind"
+    assert sorted(os.listdir(exported["export_dir"])) == ["1", "batching_parameters.txt", "models.config"], \
+        "no temporary folder left behind"
     for name in ("saved_model.pb", "variables", os.path.join("assets", "label_map.json")):
         assert os.path.exists(os.path.join(path, name)), name
     with open(os.path.join(path, "assets", "label_map.json")) as f:
@@ -295,6 +304,9 @@ def test_layout_version_and_asset(exported):
         assert head["classes"][0]["name"] == f"{name}_{ids[0]}"
     assert label_map["serving_default"] == "appliance"
     assert label_map["max_detections"] == MAX_DETECTIONS
+    # No class name is shared by the two heads: `all` merges nothing.
+    with open(os.path.join(path, "assets", "class_equivalence.json")) as f:
+        assert json.load(f) == {"groups": [], "from": "class names", "iou_threshold": 0.5}
     assert exported["info"]["asset"].endswith(os.path.join("assets", "label_map.json"))
 
 
@@ -311,9 +323,13 @@ def test_detections_exist_and_classes_are_coco_ids(exported):
             num = loaded[f"{name}/{feed}/num_detections"]
             assert num.dtype == np.int32 and np.all(num > 0) and np.all(num <= MAX_DETECTIONS)
             classes = loaded[f"{name}/{feed}/detection_classes"]
-            assert classes.dtype == np.int32
+            names = loaded[f"{name}/{feed}/detection_class_names"]
+            assert classes.dtype == np.int32 and names.shape == classes.shape
             for i, n in enumerate(num):
                 assert set(classes[i, :n]) <= set(ids)
+                # _make_config names class `id` of head `name` "<name>_<id>".
+                assert list(names[i, :n]) == [f"{name}_{c}" for c in classes[i, :n]]
+                assert set(names[i, n:]) <= {""}
             boxes = loaded[f"{name}/{feed}/detection_boxes"]
             assert boxes.dtype == np.float32 and boxes.shape[1:] == (MAX_DETECTIONS, 4)
             assert boxes.min() >= 0.0 and boxes.max() <= 1.0
@@ -337,14 +353,173 @@ def test_all_signature_merges_heads_by_score(exported, feed):
     signature = "all_bytes" if feed == "bytes" else "all"
     for i in range(len(reference["food"])):
         _assert_matches(loaded, f"{signature}/{feed}", merged_reference(reference, i), i, with_heads=True)
+        n = loaded[f"{signature}/{feed}/num_detections"][i]
+        heads = loaded[f"{signature}/{feed}/detection_heads"][i, :n]
+        classes = loaded[f"{signature}/{feed}/detection_classes"][i, :n]
+        names = loaded[f"{signature}/{feed}/detection_class_names"][i]
+        assert list(names[:n]) == [f"{list(HEADS)[h]}_{c}" for h, c in zip(heads, classes)]
+        assert set(names[n:]) <= {""}
         scores = loaded[f"{signature}/{feed}/detection_scores"][i]
         assert np.all(np.diff(scores[: loaded[f"{signature}/{feed}/num_detections"][i]]) <= 0)
+
+
+def _iou(a, b):
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def test_all_merges_equivalent_classes_across_heads():
+    """With an equivalence table, `all` drops a detection that overlaps a
+    higher-scored one of an equivalent class from the other head; classes
+    that are not equivalent both stay. Checked against a greedy merge in
+    numpy of the per-head signatures' detections."""
+    config = _make_config()
+    images = np.stack([_image(96, 160, 1), _image(96, 160, 2)])
+    detector = _build_detector(config)
+    _spread_class_logits(detector, list(images))
+    label_maps = config.label_maps()
+    groups = [["appliance:52", "food:78"], ["appliance:55", "food:80"], ["appliance:61", "food:81"]]
+    group_of = {(h, int(e.split(":")[1])): g for g, group in enumerate(groups) for e in group
+                for h in [list(HEADS).index(e.split(":")[0])]}
+    # K large enough that the cap hides no merge (one head finds < 100 here).
+    post = PostprocessConfig(score_threshold=SCORE_THRESHOLD, max_detections=100)
+    x, scales, sizes = export_lib._preprocess_images(tf.constant(images), IMAGE_SIZE)
+    merged = export_lib._Serving(detector, label_maps, post, groups)
+    got = {k: v.numpy() for k, v in merged.detect_all(x, scales, sizes).items()}
+    unmerged = export_lib._Serving(detector, label_maps, post).detect_all(x, scales, sizes)
+    per_head = [{k: v.numpy() for k, v in merged.detect(name, x, scales, sizes).items()} for name in HEADS]
+    for i in range(len(images)):
+        rows = sorted(((float(d["detection_scores"][i, j]), h, int(d["detection_classes"][i, j]),
+                        d["detection_boxes"][i, j]) for h, d in enumerate(per_head)
+                       for j in range(d["num_detections"][i])), key=lambda r: -r[0])
+        kept = []
+        for row in rows:
+            group = group_of.get((row[1], row[2]))
+            if not any(group is not None and group == group_of.get((k[1], k[2])) and k[1] != row[1]
+                       and _iou(k[3], row[3]) > post.iou_threshold for k in kept):
+                kept.append(row)
+        kept = kept[:post.max_detections]
+        n = int(got["num_detections"][i])
+        assert n == len(kept)
+        assert [(int(h), int(c)) for h, c in zip(got["detection_heads"][i, :n], got["detection_classes"][i, :n])] == [
+            (r[1], r[2]) for r in kept]
+        np.testing.assert_allclose(got["detection_scores"][i, :n], [r[0] for r in kept], atol=1e-6)
+        np.testing.assert_allclose(got["detection_boxes"][i, :n], np.reshape([r[3] for r in kept], (-1, 4)), atol=1e-6)
+        for key in ("detection_boxes", "detection_scores", "detection_classes", "detection_heads"):
+            assert not np.any(got[key][i, n:]), key  # merged-away rows do not leak into the padding
+        assert set(got["detection_class_names"][i, n:]) <= {b""}
+    # Premise: the table mattered (some detections merged away), and no head
+    # filled K on its own.
+    assert got["num_detections"].sum() < unmerged["num_detections"].numpy().sum()
+    assert all(d["num_detections"].max() < post.max_detections for d in per_head)
+
+
+@pytest.mark.parametrize("name", ["appliance", "food", "all"])
+def test_tf_example_signatures_give_the_bytes_signatures_detections(exported, name):
+    loaded = exported["loaded"]
+    keys = [k.split("/")[-1] for k in loaded if k.startswith(f"{name}_bytes/bytes/")]
+    assert "detection_boxes" in keys and "detection_class_names" in keys
+    assert loaded[f"{name}_bytes/bytes/num_detections"].sum() > 0  # premise
+    for key in keys:
+        np.testing.assert_array_equal(loaded[f"{name}_tf_example/bytes/{key}"], loaded[f"{name}_bytes/bytes/{key}"])
+
+
+# Replays every warm-up record through the TF1 session loader (TF Serving's
+# C++ SavedModelBundle path, as saved_model_cli run) and through
+# tf.saved_model.load; prints per record the signature, batch and whether
+# the two gave the same outputs.
+WARMUP_REPLAY = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+path = sys.argv[1]
+requests = [prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request
+            for r in tf.data.TFRecordDataset(f"{path}/assets.extra/tf_serving_warmup_requests")]
+feeds = [{k: tf.make_ndarray(v) for k, v in r.inputs.items()} for r in requests]
+names = [r.model_spec.signature_name for r in requests]
+loaded = tf.saved_model.load(path)  # eager, before the session's graph becomes the default
+wants = [{k: v.numpy() for k, v in loaded.signatures[n](**{k: tf.constant(v) for k, v in f.items()}).items()}
+         for n, f in zip(names, feeds)]
+out = []
+with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+    meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+    for name, feed, want in zip(names, feeds, wants):
+        signature = meta.signature_def[name]
+        keys = sorted(signature.outputs)
+        got = dict(zip(keys, sess.run([signature.outputs[k].name for k in keys],
+                                      {signature.inputs[k].name: v for k, v in feed.items()})))
+        same = sorted(got) == sorted(want) and all(
+            np.array_equal(g, want[k]) if g.dtype == object else np.allclose(g, want[k], atol=1e-4)
+            for k, g in got.items())
+        out.append({"signature": name, "batch": int(next(iter(feed.values())).shape[0]), "same": bool(same),
+                    "detections": int(np.sum(got["num_detections"]))})
+print(json.dumps(out))
+"""
+
+
+def test_warmup_requests_cover_every_signature_and_replay_in_the_session_loader(exported):
+    from effdet_tf import tf_serving
+
+    records = tf_serving.read_warmup(exported["path"])
+    requests = [(r.predict_log.request.model_spec.signature_name, r) for r in records]
+    assert {n for n, _ in requests} == set(SIGNATURES)
+    assert len(requests) == 2 * len(SIGNATURES)  # batch 1 and the batching config's largest
+    proc = subprocess.run([sys.executable, "-c", WARMUP_REPLAY, exported["path"]], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replayed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted((r["signature"], r["batch"]) for r in replayed) == sorted(
+        (n, b) for n in SIGNATURES for b in (1, 8))
+    assert all(r["same"] for r in replayed), [r for r in replayed if not r["same"]]
+
+
+def test_models_config_and_batching_parameters_beside_the_versions(exported):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    text = open(os.path.join(exported["export_dir"], "models.config")).read()
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == ("effdet", "/models/effdet", "tensorflow")
+    assert list(model.model_version_policy.specific.versions) == [1]
+    assert dict(model.version_labels) == {"stable": 1}
+    batching = open(os.path.join(exported["export_dir"], "batching_parameters.txt")).read()
+    fields = dict(re.findall(r"^(\w+) \{ value: (\d+) \}$", batching, re.M))
+    assert fields["max_batch_size"] == "8" and fields["batch_timeout_micros"] == "1000"
+    assert int(fields["num_batch_threads"]) >= 1 and fields["max_enqueued_batches"] == fields["num_batch_threads"]
+    assert re.findall(r"^allowed_batch_sizes: (\d+)$", batching, re.M) == ["1", "2", "4", "8"]
+    # Every non-comment line is one of BatchingParameters' fields.
+    lines = [line for line in batching.splitlines() if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"\w+ \{ value: \d+ \}|allowed_batch_sizes: \d+", line) for line in lines)
+
+
+def test_models_config_labels_the_newest_two_and_keep_versions_prunes(tmp_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    from effdet_tf import tf_serving
+    from effdet_tf.config import ExportConfig
+
+    for v in (1, 2, 3, 10):
+        (tmp_path / str(v)).mkdir()
+    tf_serving.write_server_files(str(tmp_path), ExportConfig(keep_versions=3, serving_model_name="det",
+                                                              serving_base_path="/srv/det"))
+    assert tf_serving.versions(str(tmp_path)) == [2, 3, 10]
+    config = text_format.Parse((tmp_path / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    assert (model.name, model.base_path) == ("det", "/srv/det")
+    assert list(model.model_version_policy.specific.versions) == [3, 10]
+    assert dict(model.version_labels) == {"stable": 3, "canary": 10}
+    assert tf_serving.allowed_batch_sizes(6) == [1, 2, 4, 6]
 
 
 def test_serving_default_is_first_dataset(exported):
     loaded = exported["loaded"]
     for feed in ("small", "large"):
-        for key in ("detection_boxes", "detection_scores", "detection_classes", "num_detections"):
+        for key in ("detection_boxes", "detection_scores", "detection_classes", "detection_class_names",
+                    "num_detections"):
             np.testing.assert_array_equal(loaded[f"serving_default/{feed}/{key}"], loaded[f"appliance/{feed}/{key}"])
 
 
@@ -359,6 +534,7 @@ def test_saved_model_cli_show_lists_signatures(exported):
         "detection_boxes": ("DT_FLOAT", "(-1, %d, 4)" % MAX_DETECTIONS),
         "detection_scores": ("DT_FLOAT", "(-1, %d)" % MAX_DETECTIONS),
         "detection_classes": ("DT_INT32", "(-1, %d)" % MAX_DETECTIONS),
+        "detection_class_names": ("DT_STRING", "(-1, %d)" % MAX_DETECTIONS),
         "num_detections": ("DT_INT32", "(-1)"),
     }
     for name in SIGNATURES:
@@ -369,18 +545,22 @@ def test_saved_model_cli_show_lists_signatures(exported):
         )
         if name.endswith("_bytes"):
             assert fields["image_bytes"] == ("DT_STRING", "(-1)")
+        elif name.endswith("_tf_example"):
+            assert fields["serialized_examples"] == ("DT_STRING", "(-1)")
         else:
             assert fields["images"] == ("DT_UINT8", "(-1, -1, -1, 3)")
         expected = dict(outputs)
         if name.startswith("all"):
             expected["detection_heads"] = ("DT_INT32", "(-1, %d)" % MAX_DETECTIONS)
-        got = {k: v for k, v in fields.items() if k not in ("images", "image_bytes")}
+        got = {k: v for k, v in fields.items() if k not in ("images", "image_bytes", "serialized_examples")}
         assert got == expected, name
 
 
 def test_saved_model_cli_run_matches_python_load(exported):
-    """The session loader (what TF Serving uses) on every signature, with
-    inputs from .npy files, gives what tf.saved_model.load gave."""
+    """`saved_model_cli run` (the session loader, what TF Serving uses) with
+    inputs from .npy files gives what tf.saved_model.load gave, on one
+    uint8 and one string signature; the warm-up replay above runs every
+    signature through the same loader in one process."""
     root = exported["root"]
     data = np.load(exported["inputs"], allow_pickle=True)
     np.save(root / "small.npy", data["small"])
@@ -398,19 +578,21 @@ def test_saved_model_cli_run_matches_python_load(exported):
 
     # Two at a time: each run is a TensorFlow start-up plus a session load.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(run, SIGNATURES))
+        runs = list(pool.map(run, ["food", "all_bytes"]))
     loaded = exported["loaded"]
     for name, feed, outdir, proc in runs:
         assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
         keys = ["detection_boxes", "detection_scores", "detection_classes", "num_detections"]
         if name.startswith("all"):
             keys.append("detection_heads")
-        assert sorted(f[:-4] for f in os.listdir(outdir)) == sorted(keys), name
+        assert sorted(f[:-4] for f in os.listdir(outdir)) == sorted(keys + ["detection_class_names"]), name
         for key in keys:
             got = np.load(os.path.join(outdir, key + ".npy"))
             want = loaded[f"{name}/{feed}/{key}"]
             assert got.dtype == want.dtype, (name, key)
             np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"{name}/{key}")
+        names = np.load(os.path.join(outdir, "detection_class_names.npy"), allow_pickle=True)  # bytes objects
+        assert [[v.decode() for v in row] for row in names] == loaded[f"{name}/{feed}/detection_class_names"].tolist()
 
 
 def test_preprocessing_matches_independent_letterbox(exported):
@@ -459,6 +641,21 @@ def test_unknown_dataset_is_refused(exported):
     assert _tree(exported["export_dir"]) == before
 
 
+def test_bad_class_equivalence_file_is_refused_naming_the_entry(exported, tmp_path):
+    out = tmp_path / "out"
+    cases = [('[["appliance:52", "food:78"], ["food:79"]]', r"group 1, entry 'food:79': not a dataset:category_id"),
+             ('[["appliance:52", "food:78"], ["appliance:52"]]', r"'appliance:52' is in groups 0 and 1"),
+             ('{"groups": []}', "expected a list of lists"),
+             ("[[", "cannot read it as JSON")]
+    for i, (text, message) in enumerate(cases):
+        path = tmp_path / f"equivalence{i}.json"
+        path.write_text(text)
+        with pytest.raises(export_lib.ExportError, match=rf"--class_equivalence=.*equivalence{i}.json: {message}"):
+            export_lib.export_from_model_dir(exported["model_dir"], str(out),
+                                             export_overrides={"class_equivalence": str(path)})
+    assert not out.exists()
+
+
 def test_model_dir_without_checkpoint_is_refused(exported, tmp_path):
     empty = tmp_path / "empty_model"
     empty.mkdir()
@@ -469,6 +666,13 @@ def test_model_dir_without_checkpoint_is_refused(exported, tmp_path):
     checkpoint.write_config(str(empty), _make_config())
     with pytest.raises(export_lib.ExportError, match="no checkpoint"):
         export_lib.export_from_model_dir(str(empty), str(out))
+    # --which=best_<dataset> (train.py --keep_best_per_dataset) names a dataset of the run.
+    with pytest.raises(export_lib.ExportError, match=r"no checkpoint.*best_food\.weights\.h5"):
+        export_lib.export_from_model_dir(str(empty), str(out), which="best_food")
+    with pytest.raises(export_lib.ExportError, match=r"no dataset 'pizza'.*appliance"):
+        export_lib.export_from_model_dir(str(empty), str(out), which="best_pizza")
+    with pytest.raises(export_lib.ExportError, match="--which must be"):
+        export_lib.export_from_model_dir(str(empty), str(out), which="worst")
     with pytest.raises(export_lib.ExportError, match="not a directory"):
         export_lib.export_from_model_dir(str(tmp_path / "missing"), str(out))
     # Weights that are not a checkpoint of this model.

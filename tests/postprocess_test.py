@@ -206,3 +206,27 @@ def test_soft_nms_exports_with_unknown_batch(tmp_path):
     assert out["num_detections"].numpy().tolist() == [0, 0, 3]
     for key in ("boxes", "scores", "classes", "num_detections"):
         np.testing.assert_allclose(out[key].numpy(), eager[key].numpy(), rtol=1e-6)
+
+
+def test_suppress_across_heads_only_between_heads_within_a_group():
+    from effdet_tf.ops.postprocess import suppress_across_heads
+
+    box = [0.0, 0.0, 10.0, 10.0]
+    boxes = tf.constant([[box, [0.0, 0.0, 10.0, 10.5], [0.0, 0.0, 9.8, 10.0], [50.0, 50.0, 60.0, 60.0],
+                          [0.0, 0.0, 10.0, 10.0], box, box]], tf.float32)
+    # 0: head 0, kept. 1: head 1, same group, overlaps 0: dropped. 2: head 0
+    # like 0 (one head never suppresses itself): kept. 3: elsewhere: kept.
+    # 4: padding. 5: head 1 on 0's box but another group: kept. 6: head 2,
+    # group of 0, scored above 1 but below 0: dropped by 0.
+    scores = tf.constant([[0.9, 0.8, 0.7, 0.6, -1.0, 0.5, 0.85]])
+    groups = tf.constant([[1, 1, 1, 1, 1, 2, 1]])
+    heads = tf.constant([[0, 1, 0, 1, 1, 1, 2]])
+    keep = suppress_across_heads(boxes, scores, groups, heads, 0.5).numpy()
+    assert keep.tolist() == [[True, False, True, True, False, True, False]]
+    # Greedy: a dropped detection suppresses nothing. 1 (dropped by 0)
+    # overlaps 2 (another head than 1's), which therefore stays.
+    chain = suppress_across_heads(
+        tf.constant([[[0.0, 0.0, 10.0, 10.0], [0.0, 3.0, 10.0, 13.0], [0.0, 6.0, 10.0, 16.0]]]),
+        tf.constant([[0.9, 0.8, 0.7]]), tf.constant([[1, 1, 1]]), tf.constant([[0, 1, 0]]), 0.4).numpy()
+    # IoU(0,1) = IoU(1,2) = 7/13 > 0.4, IoU(0,2) = 4/16: 1 goes, so 2 stays.
+    assert chain.tolist() == [[True, False, True]]

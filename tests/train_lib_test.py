@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
+
+from effdet_tf.data import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
@@ -135,6 +138,8 @@ def test_tensorboard_holds_the_tags(resumed_run):
         for metric in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"):
             assert f"{head}/{metric}" in evals, sorted(evals)
         assert f"{head}/detections" in evals
+        assert any(t.startswith(f"{head}/per_class_AP/") for t in evals), sorted(evals)
+        assert any(t.startswith(f"{head}/per_class_AP50/") for t in evals), sorted(evals)
 
 
 def test_eval_mode_gives_coco_metrics(resumed_run):
@@ -143,6 +148,50 @@ def test_eval_mode_gives_coco_metrics(resumed_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"appliance: AP [\d.]+ AP50 [\d.]+", proc.stderr), proc.stderr[-2000:]
     assert re.search(r"food: AP [\d.]+ AP50 [\d.]+", proc.stderr)
+    # The per-class table of each dataset, one row per demo class.
+    for head, classes in synthetic.DATASETS.items():
+        table = proc.stdout.split(f"{head}: per class")[1].splitlines()[1:]
+        assert table[0].split() == ["class", "id", "boxes", "AP", "AP50"], proc.stdout[-2000:]
+        assert [row.split()[:2] for row in table[1:1 + len(classes)]] == [[n, str(i)] for i, n, *_ in classes]
+    # Written at training start: the demo's two datasets share no class name.
+    audit = json.loads((resumed_run["model_dir"] / "label_audit.json").read_text())
+    assert audit == {"shared": [], "within_dataset": []}
+
+
+def test_a_dataset_added_with_the_rest_frozen_leaves_the_old_heads_bit_identical(resumed_run, demo_data, tmp_path):
+    """--init_from the two-dataset run, a third head (the food images under
+    another name), trunk and old heads frozen and given no data: the old
+    heads' outputs are the old model's, bit for bit, and the export has
+    all three."""
+    from effdet_tf import checkpoint
+
+    model_dir = tmp_path / "grown"
+    args = [a for a in tiny_flags(demo_data, model_dir) if not a.startswith("--dataset=")]
+    args += [f"--dataset=snacks={demo_data['food']}", f"--init_from={resumed_run['model_dir']}",
+             "--freeze=trunk,heads:appliance,food", "--epochs=1", "--steps_per_epoch=2",
+             "--checkpoint_every_steps=2", "--strategy=one_device", "--precision=float32",
+             "--export_after_training"]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "trunk and heads appliance, food loaded; fresh heads: snacks" in proc.stderr
+    old, _ = checkpoint.load_detector(str(resumed_run["model_dir"]), which="best")
+    new, config = checkpoint.load_detector(str(model_dir), which="best")
+    assert config.head_names == ("appliance", "food", "snacks")
+    assert [d.trains for d in config.data.datasets] == [False, False, True]
+    images = tf.constant(np.random.default_rng(3).uniform(0, 255, [3, 128, 128, 3]), tf.float32)
+    before, after = old(images, training=False), new(images, training=False)
+    for head in ("appliance", "food"):
+        for key in ("cls_logits", "box_deltas"):
+            np.testing.assert_array_equal(after[head][key].numpy(), before[head][key].numpy(), err_msg=head)
+    # Evaluated on all three: the carried heads on their earlier val splits.
+    assert set(json.loads((model_dir / "best.json").read_text())["metrics"]) == {"appliance", "food", "snacks"}
+    label_map = json.loads((model_dir / "export" / "1" / "assets" / "label_map.json").read_text())
+    assert [h["name"] for h in label_map["heads"]] == ["appliance", "food", "snacks"]
+    # snacks and food share every class name: the label audit says so.
+    audit = json.loads((model_dir / "label_audit.json").read_text())
+    assert len(audit["shared"]) == len(synthetic.FOOD_CLASSES)
+    assert {m["dataset"] for m in audit["shared"][0]["classes"]} == {"food", "snacks"}
 
 
 def test_incompatible_resume_is_refused(resumed_run, demo_data):

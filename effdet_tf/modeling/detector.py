@@ -72,6 +72,7 @@ class Detector(keras.Model):
         focal_gamma=1.5,
         huber_delta=0.1,
         box_loss_weight=None,
+        bn_momentum=None,
         **kwargs,
     ):
         if not heads:
@@ -95,6 +96,7 @@ class Detector(keras.Model):
         self.anchor_scale = anchor_scale
         self.head_loss_weights = {name: float((head_loss_weights or {}).get(name, 1.0)) for name in heads}
         self.box_loss = box_loss
+        self.bn_momentum = None if bn_momentum is None else float(bn_momentum)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.huber_delta = huber_delta
@@ -178,9 +180,21 @@ class Detector(keras.Model):
         for name in self.head_names:
             self.class_nets[name](levels)
             self.box_nets[name](levels)
+        if self.bn_momentum is not None:
+            # One momentum for every BatchNorm (read at call time, so before
+            # any train step is traced). The layers' own defaults are
+            # EfficientDet's and Darknet's 0.99: moving statistics that
+            # average ~100 steps, which lag behind the weights in a run of a
+            # few hundred steps (BENCHMARKS.md, "Real data").
+            for layer in self._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = self.bn_momentum
         self.built = True
 
-    def _run_head(self, name, levels, training):
+    def run_head(self, name, levels, training=False):
+        """Head `name`'s raw outputs on the shared features `levels` (the
+        feature extractor's P3-P7 list): {"cls_logits", "box_deltas"}.
+        Evaluation and export run only the heads they need with it."""
         return {
             "cls_logits": self.class_nets[name](levels, training=training),
             "box_deltas": self.box_nets[name](levels, training=training),
@@ -189,7 +203,7 @@ class Detector(keras.Model):
     def call(self, inputs, training=None):
         if not isinstance(inputs, dict):
             levels = self.feature_extractor(inputs, training=training)
-            return {name: self._run_head(name, levels, training) for name in self.head_names}
+            return {name: self.run_head(name, levels, training) for name in self.head_names}
 
         unknown = set(inputs) - set(self.head_names)
         if unknown:
@@ -200,7 +214,7 @@ class Detector(keras.Model):
         # Split every level back into per-dataset slices: head k only ever
         # sees (and its per-level BatchNorm only ever normalises) dataset k.
         per_dataset = zip(*[tf.split(level, batch_sizes, axis=0) for level in levels])
-        return {name: self._run_head(name, list(slices), training) for name, slices in zip(names, per_dataset)}
+        return {name: self.run_head(name, list(slices), training) for name, slices in zip(names, per_dataset)}
 
     def compile(self, *args, l2_weight_decay=0.0, l2_variables=(), **kwargs):
         """Keras's compile, plus EfficientDet's weight decay as a loss term:
@@ -256,15 +270,17 @@ class Detector(keras.Model):
 
         Returns {name: postprocess dict} for `heads` (default: every head).
         """
-        outputs = self(images, training=False)
+        names = list(heads or self.head_names)
+        unknown = set(names) - set(self.head_names)
+        if unknown:
+            raise ValueError(f"detect: unknown heads {sorted(unknown)}; heads are {self.head_names}.")
+        # One trunk pass; only the heads asked for run (evaluating dataset k
+        # costs head k, not every head).
+        levels = self.feature_extractor(images, training=False)
+        outputs = {name: self.run_head(name, levels, training=False) for name in names}
         return {
-            name: postprocess(
-                outputs[name]["cls_logits"],
-                outputs[name]["box_deltas"],
-                self.anchors.boxes,
-                **postprocess_kwargs,
-            )
-            for name in (heads or self.head_names)
+            name: postprocess(out["cls_logits"], out["box_deltas"], self.anchors.boxes, **postprocess_kwargs)
+            for name, out in outputs.items()
         }
 
     def get_config(self):
@@ -289,6 +305,7 @@ class Detector(keras.Model):
                 "focal_gamma": self.focal_gamma,
                 "huber_delta": self.huber_delta,
                 "box_loss_weight": self.box_loss_weight,
+                "bn_momentum": self.bn_momentum,
             }
         )
         return config

@@ -168,3 +168,47 @@ def _soft_nms(boxes, per_class_scores, score_threshold, max_detections, sigma):
         "classes": tf.where(keep, order // k, 0),
         "num_detections": num,
     }
+
+
+def suppress_across_heads(boxes, scores, groups, heads, iou_threshold):
+    """Greedy NMS between heads, within equivalence groups: which of the
+    merged detections of several heads to keep.
+
+    Two detections conflict when they come from different heads, their
+    classes are in the same equivalence group (e.g. "banana" of a food head
+    and of a fruit head) and their IoU exceeds `iou_threshold`. In score
+    order, a detection that conflicts with one already kept is dropped;
+    detections of one head never suppress each other (its own per-class
+    NMS has run, and under Soft-NMS it keeps lowered duplicates on purpose).
+
+    Args:
+      boxes: [B, N, 4] yxyx (any common scale).
+      scores: [B, N]; entries < 0 are padding (never kept, never suppress).
+      groups: [B, N] int equivalence group of each detection's class.
+      heads: [B, N] int head of each detection.
+      iou_threshold: float.
+
+    Returns:
+      keep: [B, N] bool.
+    """
+    scores = tf.convert_to_tensor(scores, tf.float32)
+    n = tf.shape(scores)[1]
+    order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)
+    take = lambda x: tf.gather(x, order, batch_dims=1)  # noqa: E731
+    sorted_scores, sorted_groups, sorted_heads = take(scores), take(groups), take(heads)
+    overlap = box_ops.iou(take(boxes), take(boxes)) > iou_threshold
+    same_group = sorted_groups[:, :, None] == sorted_groups[:, None, :]
+    other_head = sorted_heads[:, :, None] != sorted_heads[:, None, :]
+    later = tf.range(n)[:, None] < tf.range(n)[None, :]  # [i, j]: j ranks below i
+    conflict = overlap & same_group & other_head & later[None]
+    valid = sorted_scores >= 0.0
+
+    def body(i, keep):
+        # Detection i, if kept, removes every later detection it conflicts with.
+        kept_i = keep[:, i] & valid[:, i]
+        return i + 1, keep & ~(conflict[:, i, :] & kept_i[:, None])
+
+    _, keep = tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), valid))
+    # Back to the input order.
+    inverse = tf.argsort(order, axis=1, stable=True)
+    return tf.gather(keep, inverse, batch_dims=1)
