@@ -344,15 +344,9 @@ def build_archive(
 # Versioned writing.
 
 
-def _versions(export_dir):
-    if not os.path.isdir(export_dir):
-        return []
-    return sorted(int(d) for d in os.listdir(export_dir) if d.isdigit())
-
-
 def next_version(export_dir):
     """1 + the largest numeric sub-folder (TF Serving serves the largest)."""
-    versions = _versions(export_dir)
+    versions = tf_serving.versions(export_dir)
     return (versions[-1] + 1) if versions else 1
 
 
