@@ -13,7 +13,7 @@ assets.extra/tf_serving_warmup_requests, tag `serve`, with signatures
 versions OUT/batching_parameters.txt and OUT/models.config
 ([--serving_model_name --serving_base_path --serving_max_batch_size
 --serving_batch_timeout_micros --serving_batch_threads --keep_versions
---class_equivalence]). See effdet_tf/export_lib.py, effdet_tf/tf_serving.py
+--class_equivalence]). See effdet_tf/serving/export_lib.py, effdet_tf/serving/tf_serving.py
 and the README's TF Serving section.
 
 Post-processing comes from the model dir's config.json (the `postprocess`
@@ -50,7 +50,7 @@ def main(argv):
     from effdet_tf.tf_startup import import_tensorflow
 
     import_tensorflow()  # without a CPU-only machine's CUDA notices
-    from effdet_tf import export_lib
+    from effdet_tf.serving import export_lib
 
     try:
         path = export_lib.export_from_model_dir(

@@ -49,7 +49,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from effdet_tf import export_lib  # noqa: E402
+from effdet_tf.serving import export_lib  # noqa: E402
 from effdet_tf.config import PostprocessConfig  # noqa: E402
 from effdet_tf.modeling.detector import Detector  # noqa: E402
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -34,7 +33,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from effdet_tf import export_lib  # noqa: E402
+from effdet_tf.serving import export_lib  # noqa: E402
 from effdet_tf.config import PostprocessConfig  # noqa: E402
 from effdet_tf.modeling.detector import Detector  # noqa: E402
 

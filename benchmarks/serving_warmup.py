@@ -79,7 +79,7 @@ def main(argv=None):
     import cv2
     import numpy as np
 
-    from effdet_tf import export_lib
+    from effdet_tf.serving import export_lib
     from effdet_tf.modeling.detector import Detector
 
     heads = {"appliance": 5, "food": 10}

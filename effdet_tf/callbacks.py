@@ -10,6 +10,8 @@ what it does not, into the same model_dir/train and model_dir/eval folders.
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import keras
@@ -243,25 +245,22 @@ class StepSummaries(keras.callbacks.Callback):
 
 
 class EpochEnd(keras.callbacks.Callback):
-    """Maps Keras epochs (one per checkpoint interval, see train_lib) back
-    to training epochs and calls `fn(epoch, last)` at the end of each, at
-    the end of an interval where `also_if()` is true (a TrainingClock tick),
-    and as the last call when training stops early (a spent time budget)."""
+    """Calls `fn(epoch, last)` at the end of each training epoch, at the end
+    of a checkpoint interval where `also_if()` is true (a TrainingClock
+    tick), and as the last call when training stops early (a spent time
+    budget). `intervals`: the run's intervals.Intervals (fit's epochs)."""
 
-    def __init__(self, chunks_per_epoch, total_chunks, fn, also_if=None):
+    def __init__(self, intervals, fn, also_if=None):
         super().__init__()
-        self.chunks_per_epoch = chunks_per_epoch
-        self.total_chunks = total_chunks
+        self.intervals = intervals
         self.fn = fn
         self.also_if = also_if or (lambda: False)
 
-    def on_epoch_end(self, chunk, logs=None):
-        if self.model.stop_training and getattr(self.model, "_effdet_failed", False):
-            return
-        done = chunk + 1
-        last = done >= self.total_chunks or bool(self.model.stop_training)
-        if done % self.chunks_per_epoch == 0 or last or self.also_if():
-            self.fn(math.ceil(done / self.chunks_per_epoch), last)
+    def on_epoch_end(self, keras_epoch, logs=None):
+        epoch, epoch_ends, run_ends = self.intervals.epoch_after(keras_epoch)
+        last = run_ends or bool(self.model.stop_training)
+        if epoch_ends or last or self.also_if():
+            self.fn(epoch, last)
 
 
 class Evaluator:
@@ -409,3 +408,61 @@ def save_best_and_last(model, model_dir, epoch, step, metrics=None, mean_ap=None
                      epoch, os.path.join(model_dir, checkpoint.weights_file(which)))
         written.append(which)
     return written
+
+
+class ResumableBackup(keras.callbacks.Callback):
+    """Saves the whole training state at the end of every fit epoch.
+
+    A fit epoch is one checkpoint interval (intervals.py), so this runs
+    every --checkpoint_every_steps steps. The state (model weights, optimizer
+    slots, EMA, loss scale, iteration counter) goes to
+    backup/.tmp-<pid>/state.weights.h5 + state.json, then the folder is
+    renamed to backup/ckpt-<step>: a half-written checkpoint never carries a
+    ckpt- name, so it never replaces a good one. The newest `keep` are kept.
+
+    Why not keras.callbacks.BackupAndRestore: in Keras 3.15 it writes
+    latest.weights.h5 in place (a kill -9 during the write leaves a
+    truncated file whose load error need not be the OSError its fallback
+    catches; weights and metadata can also disagree), and it resumes at an
+    epoch start, not at the step saved.
+    """
+
+    def __init__(self, model_dir, keep=2, is_chief=True, skip_if=None, step_fn=None):
+        super().__init__()
+        self.backup_dir = os.path.join(model_dir, checkpoint.BACKUP_DIR)
+        self.keep = keep
+        self.is_chief = is_chief
+        self.skip_if = skip_if  # e.g. the loss went non-finite: keep the good state
+        # Steps run, from train_lib's StepCounter. optimizer.iterations is not
+        # it under mixed_float16: steps the loss scaler skips do not count.
+        self.step_fn = step_fn or (lambda: int(self.model.optimizer.iterations.numpy()))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.skip_if is not None and self.skip_if():
+            return
+        self.save(fit_epoch=epoch + 1)
+
+    def save(self, fit_epoch):
+        if not self.is_chief:
+            return  # Variables are identical on every worker; one writer.
+        step = int(self.step_fn())
+        final = os.path.join(self.backup_dir, f"ckpt-{step:010d}")
+        if os.path.exists(final):
+            return  # Same step already saved: same state.
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=self.backup_dir, prefix=".tmp-")
+        try:
+            weights = os.path.join(tmp, "state.weights.h5")
+            self.model.save_weights(weights)
+            with open(weights, "rb") as f:
+                os.fsync(f.fileno())
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"step": step, "fit_epoch": fit_epoch}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+            checkpoint.fsync_dir(self.backup_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in checkpoint.list_backups(self.backup_dir)[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)

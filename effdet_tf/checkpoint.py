@@ -10,7 +10,7 @@ Contract (model_dir/):
   best.weights.h5    EMA weights with the best mean COCO AP over datasets.
   best.json          {"epoch", "step", "mean_ap", "metrics": {...}} of best.
   backup/            resumable training state (weights + optimizer + EMA +
-                     step), see ResumableBackup; not for export.
+                     step), see callbacks.ResumableBackup; not for export.
   data_cache/        converted TFRecords (unless --data_cache_dir).
   train/, eval/      TensorBoard event files.
 
@@ -25,10 +25,11 @@ import shutil
 import tempfile
 from typing import List, Optional, Tuple
 
-import keras
 from absl import logging
 
+from effdet_tf import compat
 from effdet_tf.config import Config
+from effdet_tf.modeling import factory
 from effdet_tf.optimization import averaged_weights
 
 CONFIG_FILE = "config.json"
@@ -64,7 +65,7 @@ class IncompatibleModelDirError(ValueError):
 
 
 # ---------------------------------------------------------------- atomic IO
-def _fsync_dir(path):
+def fsync_dir(path):
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -88,7 +89,7 @@ def atomic_write_text(path, text):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -99,14 +100,7 @@ def _save_weights_only(model, path):
     """Model weights without the optimizer's slots: export needs only these
     and they are a third of the size with SGD momentum + EMA."""
     optimizer = getattr(model, "optimizer", None)
-    try:
-        from keras.src.saving import saving_lib
-
-        saving_lib.save_weights_only(
-            model, path, objects_to_skip=[optimizer] if optimizer is not None else None
-        )
-    except (ImportError, TypeError):  # private API moved: keep working, larger file.
-        model.save_weights(path)
+    compat.save_weights_without(model, path, [optimizer] if optimizer is not None else [])
 
 
 def atomic_save_weights(model, path, weights_only=True):
@@ -123,7 +117,7 @@ def atomic_save_weights(model, path, weights_only=True):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -222,22 +216,7 @@ def clear_checkpoints(model_dir):
         shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
 
 
-# ---------------------------------------------------------------- detector
-def build_detector(config: Config, dtype=None):
-    """A built Detector for `config` (weights freshly initialised), under the
-    global dtype policy, or under `dtype` (e.g. "float32") if given."""
-    from effdet_tf.modeling.detector import Detector
-
-    if dtype is None:
-        return Detector(**config.detector_kwargs())
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(dtype)
-    try:
-        return Detector(**config.detector_kwargs(), dtype=dtype)
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
+# ---------------------------------------------------------------- loading
 def weights_path(model_dir, which="best"):
     """Path of the exportable weights. "best" falls back to "last" when no
     evaluation has run yet (a --mode=train run)."""
@@ -256,7 +235,7 @@ def weights_path(model_dir, which="best"):
     )
 
 
-def load_detector(model_dir, which="best") -> Tuple["keras.Model", Config]:
+def load_detector(model_dir, which="best") -> Tuple["factory.Detector", Config]:
     """Rebuilds the Detector from model_dir/config.json and loads its EMA
     weights (best.weights.h5 or last.weights.h5). Returns (detector, config).
 
@@ -268,7 +247,7 @@ def load_detector(model_dir, which="best") -> Tuple["keras.Model", Config]:
         raise CheckpointNotFoundError(f"Model dir {model_dir} does not exist.")
     config = read_config(model_dir)
     path = weights_path(model_dir, which)
-    detector = build_detector(config, dtype="float32")
+    detector = factory.build_detector(config, dtype="float32")
     detector.load_weights(path)
     return detector, config
 
@@ -290,64 +269,6 @@ def save_ema_weights(model, model_dir, which):
 
 
 # ---------------------------------------------------------------- resuming
-class ResumableBackup(keras.callbacks.Callback):
-    """Saves the whole training state at the end of every fit epoch.
-
-    train_lib makes one fit epoch = one checkpoint interval, so this runs
-    every --checkpoint_every_steps steps. The state (model weights, optimizer
-    slots, EMA, loss scale, iteration counter) goes to
-    backup/.tmp-<pid>/state.weights.h5 + state.json, then the folder is
-    renamed to backup/ckpt-<step>: a half-written checkpoint never carries a
-    ckpt- name, so it never replaces a good one. The newest `keep` are kept.
-
-    Why not keras.callbacks.BackupAndRestore: in Keras 3.15 it writes
-    latest.weights.h5 in place (a kill -9 during the write leaves a
-    truncated file whose load error need not be the OSError its fallback
-    catches; weights and metadata can also disagree), and it resumes at an
-    epoch start, not at the step saved.
-    """
-
-    def __init__(self, model_dir, keep=2, is_chief=True, skip_if=None, step_fn=None):
-        super().__init__()
-        self.backup_dir = os.path.join(model_dir, BACKUP_DIR)
-        self.keep = keep
-        self.is_chief = is_chief
-        self.skip_if = skip_if  # e.g. the loss went non-finite: keep the good state
-        # Steps run, from train_lib's StepCounter. optimizer.iterations is not
-        # it under mixed_float16: steps the loss scaler skips do not count.
-        self.step_fn = step_fn or (lambda: int(self.model.optimizer.iterations.numpy()))
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.skip_if is not None and self.skip_if():
-            return
-        self.save(fit_epoch=epoch + 1)
-
-    def save(self, fit_epoch):
-        if not self.is_chief:
-            return  # Variables are identical on every worker; one writer.
-        step = int(self.step_fn())
-        final = os.path.join(self.backup_dir, f"ckpt-{step:010d}")
-        if os.path.exists(final):
-            return  # Same step already saved: same state.
-        os.makedirs(self.backup_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=self.backup_dir, prefix=".tmp-")
-        try:
-            weights = os.path.join(tmp, "state.weights.h5")
-            self.model.save_weights(weights)
-            with open(weights, "rb") as f:
-                os.fsync(f.fileno())
-            with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"step": step, "fit_epoch": fit_epoch}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-            _fsync_dir(self.backup_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for old in list_backups(self.backup_dir)[self.keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def list_backups(backup_dir):
     """Complete backups, newest first."""
     if not os.path.isdir(backup_dir):

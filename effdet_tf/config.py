@@ -14,7 +14,7 @@ names are therefore unique across sections.
 import dataclasses
 import json
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 # Bumped when a field changes meaning, so an old config.json is read with care.
 CONFIG_VERSION = 1

@@ -8,14 +8,15 @@ clip to the original image, then xywh), and the only place it happens.
 
 `CocoEvaluator` is numpy only (tests feed it directly). `evaluate(...)` runs
 a detector over a dataset's eval pipeline and feeds the evaluator;
-`EvaluationCallback` (train_lib) calls it with the EMA weights swapped in.
+callbacks.Evaluator (evaluation during training, and --mode=eval) calls it
+with the EMA weights swapped in.
 """
 
 import contextlib
 import copy
 import io
 import json
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Sequence
 
 import numpy as np
 
@@ -132,7 +133,7 @@ class CocoEvaluator:
     def result(self) -> Dict[str, float]:
         """COCO metrics over the images added so far (all zero without
         detections). Only the evaluated images count, so a partial pass
-        (--eval_max_images, skipped corrupt images) is not penalised."""
+        (e.g. images the decoder skipped as corrupt) is not penalised."""
         from pycocotools.cocoeval import COCOeval
 
         if not self.image_ids:
@@ -221,7 +222,7 @@ def make_detect_fn(detector, head, postprocess_kwargs=None):
 
 
 def evaluate(detector, dataset, evaluator: CocoEvaluator, head: str, postprocess_kwargs=None,
-             max_batches: Optional[int] = None, keep_images=0, detect_fn=None):
+             keep_images=0, detect_fn=None):
     """Runs `detector`'s head `head` over an eval pipeline and returns
     (metrics, samples).
 
@@ -235,9 +236,7 @@ def evaluate(detector, dataset, evaluator: CocoEvaluator, head: str, postprocess
     detect = detect_fn or make_detect_fn(detector, head, postprocess_kwargs)
     evaluator.reset()
     samples = []
-    for i, batch in enumerate(dataset):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch in dataset:
         out = {k: v.numpy() for k, v in detect(batch["images"]).items()}
         evaluator.add(batch["image_id"].numpy(), out["boxes"], out["scores"], out["classes"],
                       out["num_detections"], batch["scale"].numpy(), batch["original_size"].numpy())

@@ -18,7 +18,6 @@ on the command line itself replaces every dataset line (--dataset,
 Errors are ConfigError whose message starts with the offending flag.
 """
 
-import dataclasses
 import os
 import re
 

@@ -39,6 +39,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from effdet_tf import compat
+
 # EfficientDet warms up from lr_warmup_init = 0.008 to 0.08: 10% of the peak
 # (google/automl efficientdet/hparams_config.py).
 WARMUP_START_FRACTION = 0.1
@@ -61,16 +63,11 @@ def ema_decay(step, momentum):
     return tf.where(step > 0, warm, 0.0)
 
 
-def sublayers(model):
-    """Every layer inside `model`, nested ones included."""
-    return model._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001 - no public walk
-
-
 def no_decay_variables(model):
     """BatchNorm gammas/betas and biases: EfficientDet decays neither
     (google/automl efficientdet/det_model_fn.py, reg_l2_loss)."""
     out = []
-    for layer in sublayers(model):
+    for layer in compat.sublayers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             out += [v for v in (layer.gamma, layer.beta) if v is not None]
         bias = getattr(layer, "bias", None)
@@ -93,13 +90,13 @@ def batchnorm_statistics(model):
     are left out, as its weights are: they do not change, and averaging a
     constant would still round it."""
     out = []
-    for layer in sublayers(model):
+    for layer in compat.sublayers(model):
         if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
             out += [layer.moving_mean, layer.moving_variance]
     return out
 
 
-class _Recipe:
+class _Recipe(compat.OptimizerHooks):
     """Mixed into a Keras optimizer class: clipping after the all-reduce and
     a warmed-up EMA of the weights and the BatchNorm statistics.
 
@@ -117,6 +114,7 @@ class _Recipe:
                              "the ones this class replaces.")
         super().__init__(*args, **kwargs)
         self.clip_after_reduce = float(global_clipnorm or 0.0)
+        self.transforms_reduced_gradients = self.clip_after_reduce > 0
         self.average_decay = float(average_decay)
         self._extra_fn = lambda: list(averaged_extra)  # a closure: Keras would track a list as weights
         self.averages = []
@@ -139,26 +137,16 @@ class _Recipe:
         """The model variables `averages` shadow, in the same order."""
         return self._averaged_fn() if self.averages else []
 
-    # -- Keras 3.15 TF backend internals (keras/src/backend/tensorflow/optimizer.py)
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        """TFOptimizer's update (all-reduce, then one merge_call that updates
-        every variable) with the clip between the two."""
-        if not self.clip_after_reduce:
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
-        variables = [_tf_variable(v) for v in trainable_variables]
-        reduced = self._all_reduce_sum_gradients(list(zip(grads, variables)))
-        clipped, _ = tf.clip_by_global_norm([g for g, _ in reduced], self.clip_after_reduce)
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_tf_update_step, self._distribution_strategy,
-            list(zip(clipped, variables)), learning_rate)
+    # -- compat.OptimizerHooks
+    def reduced_gradients(self, grads):
+        clipped, _ = tf.clip_by_global_norm(grads, self.clip_after_reduce)
+        return clipped
 
-    def _backend_apply_gradients(self, grads, trainable_variables):
-        super()._backend_apply_gradients(grads, trainable_variables)
+    def after_apply(self):
         if self.averages:
             # Before apply() increments iterations: the first update sees 0.
             decay = ema_decay(self.iterations, self.average_decay)
-            tf.__internal__.distribute.interim.maybe_merge_call(
-                self._update_averages, self._distribution_strategy, decay)
+            compat.merge_call(self._update_averages, self.distribution(), decay)
 
     def _update_averages(self, distribution, decay):
         def update(average, value, decay):
@@ -166,7 +154,8 @@ class _Recipe:
             return average.assign(decay * average + (1.0 - decay) * tf.cast(value, average.dtype))
 
         for average, v in zip(self.averages, self.averaged_variables):
-            distribution.extended.update(_tf_variable(average), update, args=(_tf_variable(v), decay), group=False)
+            distribution.extended.update(compat.tf_variable(average), update, args=(compat.tf_variable(v), decay),
+                                         group=False)
 
     def swap_averages(self):
         """Exchanges the model variables' values with their averages, on
@@ -176,13 +165,9 @@ class _Recipe:
             v.assign(average)
             return average.assign(held)
 
-        strategy = self._distribution_strategy
+        strategy = self.distribution()
         for average, v in zip(self.averages, self.averaged_variables):
-            strategy.extended.update(_tf_variable(v), swap, args=(_tf_variable(average),), group=False)
-
-
-def _tf_variable(v):
-    return v.value if isinstance(v, keras.Variable) else v
+            strategy.extended.update(compat.tf_variable(v), swap, args=(compat.tf_variable(average),), group=False)
 
 
 @functools.lru_cache(maxsize=None)

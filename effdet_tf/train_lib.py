@@ -4,14 +4,12 @@
 drives training (the Detector's compute_loss), so Keras callbacks,
 distribution strategies and mixed precision behave as Keras users expect.
 
-Steps, epochs and resuming. An epoch is `steps_per_epoch` steps. Keras can
-only start a fit at an epoch boundary, so fit's epochs are checkpoint
-intervals ("chunks") of `checkpoint_every_steps` steps (the epoch is rounded
-up to a whole number of chunks). ResumableBackup saves the full state
-(weights, optimizer slots, EMA, loss scale, step) at every chunk end, and a
-restarted run passes `initial_epoch` = saved step / chunk to fit and seeds
-its input stream with the step (train_data), so it continues at the saved
-step with data it has not just trained on.
+Steps, epochs and resuming. fit's epochs are checkpoint intervals
+(intervals.py). ResumableBackup saves the full state (weights, optimizer
+slots, EMA, loss scale, step) at every interval end, and a restarted run
+starts fit at the interval of the saved step and seeds its input stream
+with the step (train_data), so it continues at the saved step with data it
+has not just trained on.
 """
 
 import dataclasses
@@ -26,8 +24,10 @@ import tensorflow as tf
 from absl import logging
 
 from effdet_tf import callbacks as callbacks_lib
-from effdet_tf import checkpoint, evaluation, label_audit, optimization, transfer
+from effdet_tf import checkpoint, compat, evaluation, label_audit, optimization, transfer
 from effdet_tf.config import Config, ConfigError, check_replicas, classes_from_label_map
+from effdet_tf.intervals import Intervals
+from effdet_tf.modeling import factory
 
 # ---------------------------------------------------------------- strategy
 def make_strategy(name):
@@ -43,31 +43,9 @@ def make_strategy(name):
             raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
                               "(cluster and task of this worker).")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        _patch_keras_multi_worker_logs()
+        compat.patch_multi_worker_logs()
         return strategy
     raise ConfigError(f"--strategy={name}: unknown strategy.")
-
-
-def _patch_keras_multi_worker_logs():
-    """Keras 3.15's TF trainer reduces each step's logs across workers with
-    strategy.reduce("MEAN", v, axis=0), which fails on scalar logs (every
-    loss) under MultiWorkerMirroredStrategy: "Invalid reduction dimension 0
-    for input with 0 dimensions" (keras-team/keras#20585). Logs only are
-    affected (gradients are all-reduced by the optimizer), so they are taken
-    from the worker's first replica instead, as Keras does on TPUs."""
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    original = tf_trainer.reduce_per_replica
-    if getattr(original, "_effdet_patched", False):
-        return
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction == "auto" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            reduction = "first"
-        return original(values, strategy, reduction)
-
-    reduce_per_replica._effdet_patched = True
-    tf_trainer.reduce_per_replica = reduce_per_replica
 
 
 def is_chief(strategy):
@@ -140,17 +118,13 @@ def resolve_datasets(config: Config) -> Config:
     return config.with_datasets(resolved)
 
 
-def schedule_lengths(config: Config):
-    """(steps_per_epoch, chunk, chunks_per_epoch, total_chunks)."""
+def schedule_lengths(config: Config) -> Intervals:
+    """The run's epochs as checkpoint intervals; an epoch is --steps_per_epoch
+    or one pass over the largest training dataset."""
     t = config.train
     steps = t.steps_per_epoch or max(
         math.ceil(d.num_train_examples / d.batch_size) for d in config.data.training_datasets)
-    chunk = min(t.checkpoint_every_steps, steps)
-    chunks_per_epoch = math.ceil(steps / chunk)
-    if chunks_per_epoch * chunk != steps:
-        logging.info("Epoch rounded up from %d to %d steps (a whole number of %d-step checkpoint intervals).",
-                     steps, chunks_per_epoch * chunk, chunk)
-    return chunks_per_epoch * chunk, chunk, chunks_per_epoch, chunks_per_epoch * t.epochs
+    return Intervals.plan(steps, t.checkpoint_every_steps, t.epochs)
 
 
 def train_data(config: Config, detector, start_step=0):
@@ -209,7 +183,7 @@ def eval_data(config: Config, split="val"):
 def set_sync_batchnorm(model):
     """Cross-replica BatchNorm statistics (read by BN at call time)."""
     n = 0
-    for layer in optimization.sublayers(model):
+    for layer in compat.sublayers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
             n += 1
@@ -218,7 +192,7 @@ def set_sync_batchnorm(model):
 
 def build_model(config: Config, strategy, steps_per_epoch):
     with strategy.scope():
-        detector = checkpoint.build_detector(config)
+        detector = factory.build_detector(config)
         if config.train.sync_batchnorm:
             set_sync_batchnorm(detector)
         transfer.apply_freeze(detector, config.train.freeze)  # before the optimizer picks its variables
@@ -228,13 +202,7 @@ def build_model(config: Config, strategy, steps_per_epoch):
                          l2_variables=optimization.decay_variables(detector))
         optimizer.build(detector.trainable_variables)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        # Keras 3.15's TF trainer all-reduces the first batch to build the
-        # model symbolically before fit; with MultiWorkerMirroredStrategy
-        # and dict inputs that reduce fails ("Attempt to convert a value
-        # ({'appliance': PerReplica...}) to a Tensor"; keras-team/keras#20329,
-        # #20585). Model and optimizer are built above, so the symbolic
-        # build has nothing to do: skip it.
-        detector._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # noqa: SLF001
+        compat.skip_symbolic_build(detector)  # model and optimizer are built above
     return detector
 
 
@@ -271,8 +239,8 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
     t = config.train
     model_dir = t.model_dir
     keras.utils.set_random_seed(config.data.seed)
-    steps_per_epoch, chunk, chunks_per_epoch, total_chunks = schedule_lengths(config)
-    model = build_model(config, strategy, steps_per_epoch)
+    intervals = schedule_lengths(config)
+    model = build_model(config, strategy, intervals.steps_per_epoch)
 
     state = checkpoint.restore_training_state(model, model_dir)
     step = int(state["step"]) if state else 0
@@ -282,15 +250,13 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
         from effdet_tf.modeling.darknet_weights import load_darknet_weights
 
         logging.info("Darknet weights: %s", load_darknet_weights(model.backbone, t.backbone_weights))
-    if step % chunk:
-        raise RuntimeError(f"Backup at step {step} is not on a {chunk}-step checkpoint boundary; "
-                           "was --checkpoint_every_steps changed? Use --fresh_start.")
-    initial_chunk = step // chunk
-    if initial_chunk >= total_chunks:
+    first = intervals.first_keras_epoch(step)
+    if first >= intervals.total:
         logging.info("Training already finished at step %d (%d epochs).", step, t.epochs)
         return {"step": step, "resumed": state is not None}
     logging.info("%s at step %d: %d epochs of %d steps, checkpoint every %d steps, %d replica(s).",
-                 "Resuming" if state else "Starting", step, t.epochs, steps_per_epoch, chunk,
+                 "Resuming" if state else "Starting", step, t.epochs, intervals.steps_per_epoch,
+                 intervals.interval_steps,
                  strategy.num_replicas_in_sync)
 
     eval_sets = eval_data(config) if evaluate_during else {}
@@ -328,20 +294,20 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
     cbs = [
         counter,
         watcher,
-        keras.callbacks.TensorBoard(log_dir=log_dir, update_freq=max(1, min(chunk, 50))),
+        keras.callbacks.TensorBoard(log_dir=log_dir, update_freq=max(1, min(intervals.interval_steps, 50))),
         callbacks_lib.StepSummaries(os.path.join(model_dir, "train"), config.data.images_per_step,
-                                    every=max(1, min(chunk, 10)), enabled=chief, counter=counter),
+                                    every=max(1, min(intervals.interval_steps, 10)), enabled=chief, counter=counter),
         # Evaluation and best/last run before the backup so a kill during a
         # long evaluation resumes before it and evaluates again.
         clock,
-        callbacks_lib.EpochEnd(chunks_per_epoch, total_chunks, end_of_epoch, also_if=clock.due),
+        callbacks_lib.EpochEnd(intervals, end_of_epoch, also_if=clock.due),
         # A run stopped by --train_minutes within an interval keeps the
         # backup of the interval before (resuming needs interval ends).
-        checkpoint.ResumableBackup(model_dir, is_chief=chief, step_fn=lambda: counter.step,
-                                   skip_if=lambda: watcher.failed or counter.step % chunk != 0),
+        callbacks_lib.ResumableBackup(model_dir, is_chief=chief, step_fn=lambda: counter.step,
+                                   skip_if=lambda: watcher.failed or not intervals.is_interval_end(counter.step)),
     ]
     dataset = train_data(config, model, start_step=step)
-    fit = model.fit(dataset, epochs=total_chunks, initial_epoch=initial_chunk, steps_per_epoch=chunk,
+    fit = model.fit(dataset, epochs=intervals.total, initial_epoch=first, steps_per_epoch=intervals.interval_steps,
                     callbacks=cbs, verbose=fit_verbosity(t.verbose), shuffle=False)
     if not chief:
         shutil.rmtree(log_dir, ignore_errors=True)
@@ -388,7 +354,7 @@ def run(config: Config):
 def after_training(config: Config, result):
     t = config.train
     if t.export_after_training:
-        from effdet_tf import export_lib
+        from effdet_tf.serving import export_lib
 
         export_dir = config.export.export_dir or os.path.join(t.model_dir, "export")
         # Post-processing: the model dir's config.json, as export.py reads it.

@@ -3,10 +3,10 @@
 import os
 
 import numpy as np
-import pytest
 
 import keras
 
+from conftest import config_round_trip, saving_round_trip
 from effdet_tf.modeling.bifpn import BiFPN, bifpn_nodes
 
 
@@ -130,8 +130,7 @@ def test_fusion_uses_all_inputs():
 
 def test_config_and_keras_round_trip(tmp_path):
     neck = BiFPN(num_channels=8, num_repeats=2, name="neck")
-    clone = BiFPN.from_config(neck.get_config())
-    assert clone.get_config() == neck.get_config()
+    config_round_trip(neck)
 
     inputs = {
         "P3": keras.Input((16, 16, 8), name="P3"),
@@ -141,11 +140,4 @@ def test_config_and_keras_round_trip(tmp_path):
     model = keras.Model(inputs, neck(inputs))
     feats = _features(128, (8, 16, 32), seed=1)
     model(feats, training=True)  # move BN statistics off their defaults
-    path = os.path.join(tmp_path, "neck.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    a, b = model(feats), loaded(feats)
-    for k in a:
-        np.testing.assert_allclose(
-            keras.ops.convert_to_numpy(a[k]), keras.ops.convert_to_numpy(b[k]), atol=1e-6
-        )
+    saving_round_trip(model, feats, os.path.join(tmp_path, "neck.keras"))

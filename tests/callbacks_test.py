@@ -6,6 +6,7 @@ import keras
 import pytest
 
 from effdet_tf import callbacks
+from effdet_tf.intervals import Intervals
 
 
 def _fake_model(step):
@@ -102,7 +103,7 @@ def test_clock_without_on_tick_says_due_until_ticked(monkeypatch):
 def test_epoch_end_calls_fn_at_epochs_ticks_and_an_early_stop():
     calls = []
     ticked = {"due": False}
-    end = callbacks.EpochEnd(chunks_per_epoch=3, total_chunks=9, fn=lambda e, last: calls.append((e, last)),
+    end = callbacks.EpochEnd(Intervals.plan(30, 10, epochs=3), fn=lambda e, last: calls.append((e, last)),
                              also_if=lambda: ticked["due"])
     model = types.SimpleNamespace(stop_training=False)
     end.set_model(model)

@@ -396,7 +396,7 @@ def test_ensure_tfrecords_caches(bad, tmp_path, capsys):
     assert second != first and second.is_dir()
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
     # The older conversion is reported, not deleted (another run may use it).
-    assert f"older conversion(s) of 'bad'" in capsys.readouterr().out
+    assert "older conversion(s) of 'bad'" in capsys.readouterr().out
     assert first.is_dir()
     assert data_cache.stale_conversions(second, "bad") == [first]
     assert data_cache.stale_conversions(second, "ba") == []

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from effdet_tf import checkpoint
+from effdet_tf import callbacks, checkpoint
 from effdet_tf.config import (ClassEntry, Config, DataConfig, DatasetConfig, ModelConfig, TrainConfig,
                               classes_from_label_map)
 
@@ -95,7 +95,7 @@ def _tiny_model():
 def test_backup_is_atomic_and_restores_optimizer_state(tmp_path):
     model = _tiny_model()
     x, y = np.ones((8, 3), np.float32), np.ones((8, 2), np.float32)
-    backup = checkpoint.ResumableBackup(str(tmp_path), keep=2)
+    backup = callbacks.ResumableBackup(str(tmp_path), keep=2)
     model.fit(x, y, batch_size=4, epochs=3, callbacks=[backup], verbose=0)
     backups = checkpoint.list_backups(os.path.join(tmp_path, checkpoint.BACKUP_DIR))
     assert [os.path.basename(b) for b in backups] == ["ckpt-0000000006", "ckpt-0000000004"]

@@ -5,11 +5,12 @@ import pytest
 import keras
 import tensorflow as tf
 
+from conftest import TINY_DETECTOR, config_round_trip, saving_round_trip
 from effdet_tf.modeling.detector import Detector
 from effdet_tf.ops import boxes as box_ops
 from effdet_tf.ops.label_encoder import LabelEncoder
 
-TINY = dict(image_size=128, width_multiplier=0.125, depth_multiplier=0.34, fpn_channels=16, fpn_repeats=1, head_depth=1)
+TINY = TINY_DETECTOR
 
 
 def tiny_detector(heads=None, **overrides):
@@ -99,9 +100,7 @@ def test_logits_are_float32_under_mixed_precision():
 
 def test_get_config_round_trip():
     model = tiny_detector(head_loss_weights={"food": 2.0}, box_loss="giou")
-    config = model.get_config()
-    clone = Detector.from_config(config)
-    assert clone.get_config() == config
+    clone = config_round_trip(model)
     assert clone.count_params() == model.count_params()
     assert clone.head_loss_weights == {"appliance": 1.0, "food": 2.0}
 
@@ -109,14 +108,8 @@ def test_get_config_round_trip():
 def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     model = tiny_detector()
     images = tf.constant(np.random.default_rng(1).uniform(0, 255, [2, 128, 128, 3]), tf.float32)
-    before = model(images, training=False)
-    path = tmp_path / "detector.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    after = loaded(images, training=False)
-    for name in ("appliance", "food"):
-        for key in ("cls_logits", "box_deltas"):
-            np.testing.assert_array_equal(before[name][key], after[name][key])
+    loaded = saving_round_trip(model, images, str(tmp_path / "detector.keras"), atol=0)
+    assert list(loaded.head_names) == ["appliance", "food"]
 
 
 def _overfit_batch(image_size=128):
@@ -133,6 +126,7 @@ def _overfit_batch(image_size=128):
     return images, specs
 
 
+@pytest.mark.slow
 def test_overfit_few_images_detections_land_on_ground_truth():
     """Targets, loss and decoding agree: a few steps fit, detections match GT."""
     keras.utils.set_random_seed(0)

@@ -214,7 +214,8 @@ def real(tmp_path_factory):
     import cv2
     import tensorflow as tf
 
-    from effdet_tf import checkpoint, export_lib, train_lib
+    from effdet_tf import checkpoint, train_lib
+    from effdet_tf.serving import export_lib
     from export_test import ENV, REPO, _build_detector, _spread_class_logits
 
     root = tmp_path_factory.mktemp("real")
@@ -257,6 +258,7 @@ def _detections_json(real, name):
         return json.load(f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_mode_eval_writes_the_detections_it_scored(real, name):
     results = _detections_json(real, name)
@@ -279,6 +281,7 @@ def test_mode_eval_writes_the_detections_it_scored(real, name):
     assert per_image.max() <= post.max_detections
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_saved_model_at_eval_threshold_gives_evaluations_detections(real, name):
     """Boxes within 1 px, same classes, scores within 1e-3, image by image."""
@@ -299,6 +302,7 @@ def test_saved_model_at_eval_threshold_gives_evaluations_detections(real, name):
         candidates.pop(match[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_ap_of_saved_model_detections_is_the_ap_mode_eval_reports(real, name):
     served, _ = real["served"]["eval", name]
@@ -313,6 +317,7 @@ def test_ap_of_saved_model_detections_is_the_ap_mode_eval_reports(real, name):
         assert metrics[key] == pytest.approx(reported[key], abs=1e-4), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_mode_eval_report_has_per_class_ap_whose_mean_is_the_summary_ap(real, name):
     with open(Path(real["model_dir"]) / "eval" / "report.json") as f:
@@ -327,6 +332,7 @@ def test_mode_eval_report_has_per_class_ap_whose_mean_is_the_summary_ap(real, na
     assert all(r["AP50"] >= r["AP"] for r in rows if r["AP"] is not None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_mode_eval_says_how_many_detections_the_export_keeps(real, name):
     """Counted over the scored detections: boxes that clipping to the image
@@ -342,6 +348,7 @@ def test_mode_eval_says_how_many_detections_the_export_keeps(real, name):
     assert share["images"] == len(counts)
 
 
+@pytest.mark.slow
 def test_export_reads_postprocess_from_config_json_and_flags_override(real):
     post = real["config"].postprocess
     for which, threshold in (("eval", post.eval_score_threshold), ("export", post.score_threshold)):
@@ -352,6 +359,7 @@ def test_export_reads_postprocess_from_config_json_and_flags_override(real):
             REAL_POSTPROCESS["nms_method"], post.max_detections, post.pre_nms_topk)
 
 
+@pytest.mark.slow
 def test_saved_model_cli_runs_the_nms_method_of_this_export(real):
     """The session loader (TF Serving's) runs this NMS method's graph and
     returns what tf.saved_model.load returned."""

@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from effdet_tf import checkpoint, export_lib
+from effdet_tf import checkpoint
+from effdet_tf.serving import export_lib
+from effdet_tf.modeling import factory
 from effdet_tf.config import ClassEntry, Config, DataConfig, DatasetConfig, ModelConfig, PostprocessConfig
 from effdet_tf.ops.postprocess import postprocess
 
@@ -93,7 +95,7 @@ def _build_detector(config):
     import keras
 
     keras.utils.set_random_seed(0)
-    return checkpoint.build_detector(config)
+    return factory.build_detector(config)
 
 
 def _make_config():
@@ -155,7 +157,8 @@ def _spread_class_logits(detector, images, candidates=12, seed=0):
 
 
 def _letterbox_numpy(image):
-    """INTERFACES.md's model input, written independently of the exporter."""
+    """The model input (preprocess.letterbox's contract: longer side = S,
+    top-left, zero pad), written independently of the exporter."""
     height, width = image.shape[:2]
     scale = IMAGE_SIZE / max(height, width)
     new_h = min(IMAGE_SIZE, max(1, int(round(height * scale))))
@@ -369,6 +372,7 @@ def _iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
+@pytest.mark.slow
 def test_all_merges_equivalent_classes_across_heads():
     """With an equivalence table, `all` drops a detection that overlaps a
     higher-scored one of an equivalent class from the other head; classes
@@ -459,8 +463,9 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_warmup_requests_cover_every_signature_and_replay_in_the_session_loader(exported):
-    from effdet_tf import tf_serving
+    from effdet_tf.serving import tf_serving
 
     records = tf_serving.read_warmup(exported["path"])
     requests = [(r.predict_log.request.model_spec.signature_name, r) for r in records]
@@ -499,7 +504,7 @@ def test_models_config_labels_the_newest_two_and_keep_versions_prunes(tmp_path):
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
-    from effdet_tf import tf_serving
+    from effdet_tf.serving import tf_serving
     from effdet_tf.config import ExportConfig
 
     for v in (1, 2, 3, 10):
@@ -523,6 +528,7 @@ def test_serving_default_is_first_dataset(exported):
             np.testing.assert_array_equal(loaded[f"serving_default/{feed}/{key}"], loaded[f"appliance/{feed}/{key}"])
 
 
+@pytest.mark.slow
 def test_saved_model_cli_show_lists_signatures(exported):
     out = subprocess.run(
         [SAVED_MODEL_CLI, "show", "--dir", exported["path"], "--all"],
@@ -556,6 +562,7 @@ def test_saved_model_cli_show_lists_signatures(exported):
         assert got == expected, name
 
 
+@pytest.mark.slow
 def test_saved_model_cli_run_matches_python_load(exported):
     """`saved_model_cli run` (the session loader, what TF Serving uses) with
     inputs from .npy files gives what tf.saved_model.load gave, on one
@@ -597,7 +604,8 @@ def test_saved_model_cli_run_matches_python_load(exported):
 
 def test_preprocessing_matches_independent_letterbox(exported):
     """The signatures' pre-processing (data/preprocess.py, the evaluation
-    pipeline's) is the letterbox of INTERFACES.md, here written with OpenCV."""
+    pipeline's) is the letterbox (longer side = S, top-left, zero pad), here
+    written with OpenCV."""
     for image in (exported["images"]["small"][0], exported["images"]["large"][0], _image(40, 30, 4)):
         served, scales, sizes = export_lib._preprocess_images(tf.constant(image[None]), IMAGE_SIZE)
         want, want_scale = _letterbox_numpy(image)
@@ -705,7 +713,7 @@ def test_float32_outputs_from_mixed_precision_detector():
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        mixed = checkpoint.build_detector(config)
+        mixed = factory.build_detector(config)
     finally:
         keras.config.set_dtype_policy(previous)
     assert mixed.dtype_policy.compute_dtype == "float16"

@@ -4,10 +4,10 @@ import math
 import os
 
 import numpy as np
-import pytest
 
 import keras
 
+from conftest import config_round_trip, saving_round_trip
 from effdet_tf.modeling.heads import BoxNet, ClassNet
 
 
@@ -89,19 +89,11 @@ def test_float32_outputs_under_mixed_precision():
 
 def test_config_and_keras_round_trip(tmp_path):
     net = ClassNet(7, width=8, depth=2, name="cls")
-    config = net.get_config()
-    assert ClassNet.from_config(config).get_config() == config
-    box_config = BoxNet(width=8).get_config()
-    assert BoxNet.from_config(box_config).get_config() == box_config
+    config_round_trip(net)
+    config_round_trip(BoxNet(width=8))
 
     inputs = [keras.Input((128 // 2**l, 128 // 2**l, 8), name=f"P{l}") for l in range(3, 8)]
     model = keras.Model(inputs, [net(inputs), BoxNet(width=8, depth=2)(inputs)])
     feats = _levels(128, channels=8, seed=2)
     model(feats, training=True)
-    path = os.path.join(tmp_path, "heads.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    for a, b in zip(model(feats), loaded(feats)):
-        np.testing.assert_allclose(
-            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), atol=1e-6
-        )
+    saving_round_trip(model, feats, os.path.join(tmp_path, "heads.keras"))

@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from conftest import config_round_trip
 from effdet_tf.ops import boxes as box_ops
 from effdet_tf.ops.anchors import Anchors
 from effdet_tf.ops.label_encoder import LabelEncoder
@@ -131,8 +132,7 @@ def test_dataset_map_matches_eager():
 
 def test_tensor_anchors_and_config_round_trip():
     encoder = LabelEncoder(ANCHORS, 0.6, 0.4, 0.5)
-    clone = LabelEncoder.from_config(encoder.get_config())
-    assert clone.get_config() == encoder.get_config()
+    config_round_trip(encoder)
     gt, labels = _examples()[1][:2]
     by_tensor = LabelEncoder(ANCHORS.boxes)(gt, labels)
     by_object = LabelEncoder(ANCHORS)(gt, labels)

@@ -5,6 +5,7 @@ import pytest
 
 import keras
 
+from conftest import config_round_trip
 from effdet_tf.modeling.layers import (
     ConvBNMish,
     FusedBatchNormalization,
@@ -122,16 +123,14 @@ def test_conv_bn_mish_same_padding_and_no_bias():
 
 
 def test_conv_bn_mish_config_round_trip():
-    layer = ConvBNMish(8, 1, strides=1, name="c")
-    clone = ConvBNMish.from_config(layer.get_config())
-    assert clone.get_config() == layer.get_config()
+    config_round_trip(ConvBNMish(8, 1, strides=1, name="c"))
 
 
 def test_separable_conv_bn():
     layer = SeparableConvBN(16)
     y = layer(np.ones((1, 8, 8, 5), "float32"))
     assert tuple(y.shape) == (1, 8, 8, 16)
-    assert SeparableConvBN.from_config(layer.get_config()).get_config() == layer.get_config()
+    config_round_trip(layer)
 
 
 def test_weighted_fusion_is_normalised_and_relu_clipped():

@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+# End to end in subprocesses: the fast loop (-m "not slow") leaves it out.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 

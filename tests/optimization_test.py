@@ -233,6 +233,7 @@ def two_replica_updates(*kinds):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_clipping_applies_to_the_global_gradient_under_two_replicas():
     """The recipe clips the sum of the replicas' gradients, as one device
     does: same update. (Keras clips each replica's half, so with both halves

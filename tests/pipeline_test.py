@@ -1,6 +1,5 @@
 """pipeline: train/eval datasets, multi-dataset steps, end-to-end geometry."""
 
-import dataclasses
 
 import keras
 import numpy as np

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from effdet_tf import export_lib, predict
+from effdet_tf.serving import export_lib, predict
 from export_test import ENV, SCORE_THRESHOLD, _build_detector, _image, _make_config, _spread_class_logits
 
 FOOD_IDS = [78, 80, 81, 90]  # export_test.HEADS["food"]
@@ -37,10 +37,11 @@ def setup(tmp_path_factory):
     return {"root": root, "saved_model": saved_model, "image_dir": image_dir, "images": images}
 
 
+@pytest.mark.slow
 def test_cli_writes_drawn_images_and_coco_results(setup):
     out = setup["root"] / "preds"
     proc = subprocess.run(
-        [sys.executable, "-m", "effdet_tf.predict", f"--saved_model={setup['saved_model']}", "--dataset=food",
+        [sys.executable, "-m", "effdet_tf.serving.predict", f"--saved_model={setup['saved_model']}", "--dataset=food",
          f"--images={setup['image_dir'] / '*'}", f"--output_dir={out}"],
         cwd=str(setup["root"]), env=ENV, capture_output=True, text=True, timeout=300,
     )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from effdet_tf import export_lib
+from effdet_tf.serving import export_lib
 from effdet_tf.data import decoder, pipeline, preprocess
 
 S = 128

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from effdet_tf import checkpoint, optimization, transfer
+from effdet_tf import checkpoint, compat, optimization, transfer
+from effdet_tf.modeling import factory
 from effdet_tf.config import ClassEntry, Config, ConfigError, DataConfig, DatasetConfig, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(image_size=128, width_multiplier=0.125, depth_multiplier=0.34, fpn_channels=16,
@@ -97,7 +98,7 @@ def test_plan_refuses_another_architecture_and_unclear_heads(earlier):
 
 def test_frozen_parts_take_no_gradient_no_slots_no_average_and_keep_batchnorm_in_inference():
     config = _config([TOOLS, FOOD], freeze=("trunk", "heads:tools"), optimizer="adam", ema_momentum=0.9)
-    detector = checkpoint.build_detector(config)
+    detector = factory.build_detector(config)
     everything = len(detector.trainable_variables)
     transfer.apply_freeze(detector, config.train.freeze)
     trainable = detector.trainable_variables
@@ -108,7 +109,7 @@ def test_frozen_parts_take_no_gradient_no_slots_no_average_and_keep_batchnorm_in
     # Adam: two slots (m, v) per trainable variable, none for frozen ones.
     slots = [v for v in optimizer.variables if "momentum" in v.path or "velocity" in v.path]
     assert len(slots) == 2 * len(trainable)
-    frozen_stats = {id(v) for layer in optimization.sublayers(detector.feature_extractor)
+    frozen_stats = {id(v) for layer in compat.sublayers(detector.feature_extractor)
                     if isinstance(layer, keras.layers.BatchNormalization)
                     for v in (layer.moving_mean, layer.moving_variance)}
     assert frozen_stats and not frozen_stats & {id(v) for v in optimizer.averaged_variables}

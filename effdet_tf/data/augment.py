@@ -8,7 +8,7 @@ seeded pipeline is reproducible:
    flip, fused with the letterbox resize to the S x S input (the one
    resample of the pipeline; the geometry costs only a crop/pad copy).
    With `AugmentConfig.none()` it is exactly the letterbox of
-   INTERFACES.md (longer side = S, top-left, zero pad).
+   preprocess.letterbox (longer side = S, top-left, zero pad).
 2. `GroupAugment` (per group of G letterboxed S x S images): keras-cv's
    `Mosaic` (Bochkovskiy et al. 2020, YOLOv4) and `MixUp` (Zhang et al.
    2018; boxes kept at full weight for detection, as in Zhang et al. 2019
@@ -41,6 +41,7 @@ import dataclasses
 import keras_cv
 import tensorflow as tf
 
+from effdet_tf import compat
 from effdet_tf.data.colour import colour_jitter  # noqa: F401 - one import point for the three stages
 from effdet_tf.data.preprocess import pad_to_canvas, resize_bilinear  # the letterbox's own resample and pad
 from effdet_tf.ops import boxes as box_ops
@@ -410,8 +411,8 @@ class GroupAugment:
         def mix():
             # keras-cv MixUp's box rule: [own boxes, partner's boxes], at
             # full weight; the partner's are dropped where no MixUp happens.
-            out = self._mixup._update_bounding_boxes(
-                {"boxes": boxes, "classes": classes}, partner
+            out = compat.mixup_boxes(
+                self._mixup, {"boxes": boxes, "classes": classes}, partner
             )
             num = tf.shape(classes)[1]
             theirs = tf.where(apply[:, None], out["classes"][:, num:], -1.0)

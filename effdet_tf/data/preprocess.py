@@ -71,7 +71,7 @@ def pad_to_canvas(image, top, left, size):
 
 def letterbox(image, image_size, original_size=None):
     """Aspect-preserving resize (longer side = S) to the top-left of an S x S
-    zero canvas: the model input of INTERFACES.md.
+    zero canvas: the model input of training, evaluation and serving.
 
     Args:
       image: [h, w, 3] (any real dtype, RGB 0..255).

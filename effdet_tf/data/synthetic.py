@@ -25,8 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-# (COCO id, name, shape, RGB colour, texture). Ids follow COCO's own ids for
-# these names where they exist; food deliberately has gaps (54, 58, 62, 64).
+# (COCO id, name, shape, RGB colour, texture). Ids are COCO's own for these
+# names, except the last two foods (COCO has no cookie, and puts sandwich at
+# 48): 63 and 65 keep food's ids non-contiguous, with gaps (54, 58, 62, 64).
 # Colours are distinct within a dataset, so colour alone already tells the
 # classes apart; the shape makes each class a distinct shape+colour pair.
 APPLIANCE_CLASSES = (
@@ -45,8 +46,8 @@ FOOD_CLASSES = (
     (59, "pizza", "rectangle", (40, 90, 235), "checker"),
     (60, "donut", "ring", (225, 50, 225), "plain"),
     (61, "cake", "half_disk", (30, 215, 215), "plain"),
-    (63, "laptop", "cross", (245, 245, 245), "plain"),
-    (65, "remote", "hexagon", (130, 50, 200), "stripes"),
+    (63, "sandwich", "cross", (245, 245, 245), "plain"),
+    (65, "cookie", "hexagon", (130, 50, 200), "stripes"),
 )
 DATASETS = {"appliance": APPLIANCE_CLASSES, "food": FOOD_CLASSES}
 

@@ -11,6 +11,7 @@ only by its own dataset's targets.
 import keras
 import tensorflow as tf
 
+from effdet_tf import compat
 from effdet_tf.modeling.backbone import CSPDarknet53
 from effdet_tf.modeling.bifpn import BiFPN
 from effdet_tf.modeling.heads import BoxNet, ClassNet
@@ -186,10 +187,15 @@ class Detector(keras.Model):
             # EfficientDet's and Darknet's 0.99: moving statistics that
             # average ~100 steps, which lag behind the weights in a run of a
             # few hundred steps (BENCHMARKS.md, "Real data").
-            for layer in self._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
+            for layer in compat.sublayers(self):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.momentum = self.bn_momentum
         self.built = True
+
+    def features(self, images, training=False):
+        """The shared trunk (backbone + BiFPN) on `images` [B, S, S, 3]: the
+        P3-P7 list every head reads. Export traces it once for all heads."""
+        return self.feature_extractor(images, training=training)
 
     def run_head(self, name, levels, training=False):
         """Head `name`'s raw outputs on the shared features `levels` (the

@@ -214,11 +214,6 @@ def _elementwise_terms(boxes1, boxes2):
     return iou_value, union, enc_h, enc_w
 
 
-def elementwise_iou(boxes1, boxes2):
-    """IoU of matching pairs: [..., 4] x [..., 4] -> [...]."""
-    return _elementwise_terms(boxes1, boxes2)[0]
-
-
 def giou(boxes1, boxes2):
     """Generalized IoU of matching pairs [..., 4] x [..., 4] -> [...].
 

@@ -24,35 +24,6 @@ _BOX_LOSSES = ("huber", "giou", "ciou")
 _DEFAULT_BOX_WEIGHT = {"huber": 50.0, "giou": 1.0, "ciou": 1.0}
 
 
-@keras.saving.register_keras_serializable(package="effdet_tf")
-class IoULoss(keras.losses.Loss):
-    """1 - GIoU or 1 - CIoU of matching yxyx box pairs [..., 4].
-
-    Keras core has no IoU loss, and keras-cv is only imported by the data
-    augmentation, so this wraps `boxes.giou` / `boxes.ciou`. With the default
-    reduction it equals `keras_cv.losses.GIoULoss(bounding_box_format="yxyx")`
-    (and CIoULoss up to keras-cv's v-term bug, see `boxes.ciou`).
-    """
-
-    def __init__(self, mode="giou", name=None, reduction="sum_over_batch_size",
-                 dtype=None):
-        if mode not in ("giou", "ciou"):
-            raise ValueError(f"mode must be 'giou' or 'ciou', got {mode!r}")
-        super().__init__(name=name or f"{mode}_loss", reduction=reduction,
-                         dtype=dtype)
-        self.mode = mode
-
-    def call(self, y_true, y_pred):
-        fn = box_ops.giou if self.mode == "giou" else box_ops.ciou
-        return 1.0 - fn(tf.cast(y_true, tf.float32),
-                        tf.cast(y_pred, tf.float32))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"mode": self.mode})
-        return config
-
-
 def focal_loss(labels, logits, alpha=0.25, gamma=1.5):
     """Elementwise sigmoid focal loss (Lin et al. 2017), float32.
 

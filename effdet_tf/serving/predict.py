@@ -1,6 +1,6 @@
 """Predict with an exported SavedModel: drawn images + COCO results JSON.
 
-    python -m effdet_tf.predict --saved_model=OUT/1 --dataset=food \
+    python -m effdet_tf.serving.predict --saved_model=OUT/1 --dataset=food \
         --images='imgs/*.jpg' --output_dir=preds
 
 Sends each file's bytes to the `<dataset>_bytes` signature (decoding,

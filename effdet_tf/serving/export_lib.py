@@ -31,11 +31,12 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from effdet_tf import label_audit, tf_serving
+from effdet_tf import compat, label_audit
 from effdet_tf.config import ConfigError, ExportConfig, PostprocessConfig
 from effdet_tf.data import preprocess
 from effdet_tf.ops import boxes as box_ops
 from effdet_tf.ops.postprocess import postprocess, suppress_across_heads
+from effdet_tf.serving import tf_serving
 
 LABEL_MAP_ASSET = "label_map.json"
 EQUIVALENCE_ASSET = "class_equivalence.json"
@@ -142,7 +143,7 @@ class _Serving:
         # A dataset's signature runs only its own head; `all` runs every head
         # on one backbone pass.
         self.features = tf.function(
-            lambda x: detector.feature_extractor(x, training=False),
+            lambda x: detector.features(x, training=False),
             input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)],
             autograph=False,
         )
@@ -330,13 +331,9 @@ def build_archive(
     archive.add_endpoint(ALL_SIGNATURE, serving.all_images_fn, input_signature=images_spec)
     archive.add_endpoint(ALL_SIGNATURE + BYTES_SUFFIX, serving.all_bytes_fn, input_signature=bytes_spec)
     archive.add_endpoint(ALL_SIGNATURE + TF_EXAMPLE_SUFFIX, serving.all_tf_example_fn, input_signature=examples_spec)
-    # ExportArchive.track() keeps only variables and lookup tables, so the
-    # label map rides on the saved root object as a tf.saved_model.Asset:
-    # saving copies it into assets/ and lists it in the MetaGraph's
-    # asset_file_def, as the session loader expects.
-    archive._tf_trackable.label_map = tf.saved_model.Asset(asset_path)
+    compat.attach_asset(archive, "label_map", asset_path)
     if equivalence_path is not None:
-        archive._tf_trackable.class_equivalence = tf.saved_model.Asset(equivalence_path)
+        compat.attach_asset(archive, "class_equivalence", equivalence_path)
     return archive
 
 
