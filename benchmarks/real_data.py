@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--peer_size", default="s", help="YOLOv8 backbone size (benchmarks/yolov8_peer.py)")
     p.add_argument("--peer_batch_size", type=int, default=0, help="0: the flagfile's --batch_size")
     p.add_argument("--train_flags", default="", help="extra train.py flags, space separated (tests)")
+    p.add_argument("--merge", default="",
+                   help="comma list of earlier runs' results.json: no training; the models of each file "
+                        "(a later file's replace an earlier's) go into one results.json, table and plot in --work_dir")
     return p.parse_args(argv)
 
 
@@ -276,8 +279,32 @@ def plot(results, names, path):
     plt.close(fig)
 
 
+def merge_runs(paths, work):
+    """One results.json, table and plot from several runs (e.g. ours and the
+    peer in one run, the joint model in another): what a budget too long
+    for one sitting needs."""
+    results = {"ours": {}, "ours_joint": {}, "peer": {}}
+    metas = []
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        metas.append({"from": os.path.abspath(path), **run.get("meta", {})})
+        for model in results:
+            results[model].update(run.get(model, {}))
+    names = list(dict.fromkeys(name for per in results.values() for name in per))
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump({"meta": {"merged": metas}, **results}, f, indent=1)
+    print(table(results, names))
+    plot(results, names, os.path.join(work, "ap50_vs_minutes.png"))
+    log(f"plot: {os.path.join(work, 'ap50_vs_minutes.png')}")
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return merge_runs(args.merge.split(","), os.path.abspath(args.work_dir))
     specs = args.dataset or DEFAULT_DATASETS
     if args.dataset is None and args.val_split is None:
         args.val_split = DEFAULT_VAL_SPLIT
