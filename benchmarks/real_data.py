@@ -279,6 +279,14 @@ def plot(results, names, path):
     plt.close(fig)
 
 
+def write_plot(results, names, work):
+    try:
+        plot(results, names, os.path.join(work, "ap50_vs_minutes.png"))
+        log(f"plot: {os.path.join(work, 'ap50_vs_minutes.png')}")
+    except ImportError:
+        log("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+
+
 def merge_runs(paths, work):
     """One results.json, table and plot from several runs (e.g. ours and the
     peer in one run, the joint model in another): what a budget too long
@@ -296,8 +304,7 @@ def merge_runs(paths, work):
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump({"meta": {"merged": metas}, **results}, f, indent=1)
     print(table(results, names))
-    plot(results, names, os.path.join(work, "ap50_vs_minutes.png"))
-    log(f"plot: {os.path.join(work, 'ap50_vs_minutes.png')}")
+    write_plot(results, names, work)
     return results
 
 
@@ -340,11 +347,7 @@ def main(argv=None):
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump({"meta": meta, **results}, f, indent=1)
     print(table(results, names))
-    try:
-        plot(results, names, os.path.join(work, "ap50_vs_minutes.png"))
-        log(f"plot: {os.path.join(work, 'ap50_vs_minutes.png')}")
-    except ImportError:
-        log("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+    write_plot(results, names, work)
     summary = {model: {name: {k: r[k] for k in (*METRICS, "images_per_s")} for name, r in per.items()}
                for model, per in results.items()}
     print(json.dumps(summary))
