@@ -38,7 +38,7 @@ class Intervals:
     def first_keras_epoch(self, step):
         """The Keras epoch a run resumed at `step` starts with; a step off an
         interval end cannot be resumed (RuntimeError)."""
-        if step % self.interval_steps:
+        if not self.is_interval_end(step):
             raise RuntimeError(f"Backup at step {step} is not on a {self.interval_steps}-step checkpoint boundary; "
                              "was --checkpoint_every_steps changed? Use --fresh_start.")
         return step // self.interval_steps

@@ -208,7 +208,7 @@ class Detector(keras.Model):
 
     def call(self, inputs, training=None):
         if not isinstance(inputs, dict):
-            levels = self.feature_extractor(inputs, training=training)
+            levels = self.features(inputs, training=training)
             return {name: self.run_head(name, levels, training) for name in self.head_names}
 
         unknown = set(inputs) - set(self.head_names)
@@ -216,7 +216,7 @@ class Detector(keras.Model):
             raise ValueError(f"Images given for unknown datasets {sorted(unknown)}; heads are {self.head_names}.")
         names = [name for name in self.head_names if name in inputs]
         batch_sizes = [tf.shape(inputs[name])[0] for name in names]
-        levels = self.feature_extractor(tf.concat([inputs[name] for name in names], axis=0), training=training)
+        levels = self.features(tf.concat([inputs[name] for name in names], axis=0), training=training)
         # Split every level back into per-dataset slices: head k only ever
         # sees (and its per-level BatchNorm only ever normalises) dataset k.
         per_dataset = zip(*[tf.split(level, batch_sizes, axis=0) for level in levels])
@@ -282,7 +282,7 @@ class Detector(keras.Model):
             raise ValueError(f"detect: unknown heads {sorted(unknown)}; heads are {self.head_names}.")
         # One trunk pass; only the heads asked for run (evaluating dataset k
         # costs head k, not every head).
-        levels = self.feature_extractor(images, training=False)
+        levels = self.features(images, training=False)
         outputs = {name: self.run_head(name, levels, training=False) for name in names}
         return {
             name: postprocess(out["cls_logits"], out["box_deltas"], self.anchors.boxes, **postprocess_kwargs)
