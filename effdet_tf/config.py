@@ -136,6 +136,9 @@ class DataConfig:
     flip_prob: float = _field(0.5, "Probability of a horizontal flip.")
     scale_min: float = _field(0.5, "Smallest random scale.")
     scale_max: float = _field(1.5, "Largest random scale.")
+    translate: float = _field(
+        1.0, "Random placement: the fraction of the free room (canvas minus the scaled image) an image "
+        "moves by (0: the top-left letterbox of evaluation, 1: anywhere).")
     shuffle_buffer: int = _field(1024, "Shuffle buffer (examples) per dataset.")
     cache_images: str = _field(
         "auto", "Keep decoded training images in memory: auto = when a dataset's "
@@ -503,16 +506,22 @@ def check(config: "Config"):
     for name in ("l2_weight_decay", "weight_decay", "global_clipnorm", "train_minutes", "eval_every_minutes"):
         if getattr(t, name) < 0:
             raise ConfigError(f"--{name}={getattr(t, name)}: must be >= 0 (0: off).")
+    for name in ("train_minutes", "eval_every_minutes"):
+        if t.strategy == "multi_worker" and getattr(t, name):
+            # Each worker's clock would stop or evaluate at its own step,
+            # and the workers' collectives would then wait for each other.
+            raise ConfigError(f"--{name}={getattr(t, name)}: a clock per worker under --strategy=multi_worker; "
+                              "give the length in steps (--epochs, --eval_every_epochs).")
     if not 0.0 <= t.ema_momentum < 1.0:
         raise ConfigError(f"--ema_momentum={t.ema_momentum}: must be in [0, 1).")
     if t.learning_rate <= 0:
         raise ConfigError(f"--learning_rate={t.learning_rate}: must be positive.")
     if d.scale_min <= 0 or d.scale_min > d.scale_max:
         raise ConfigError(f"--scale_min={d.scale_min} / --scale_max={d.scale_max}: need 0 < scale_min <= scale_max.")
-    for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "flip_prob"):
+    for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "flip_prob", "translate"):
         value = getattr(d, name)
         if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--{name}={value}: a probability must be in [0, 1].")
+            raise ConfigError(f"--{name}={value}: must be in [0, 1].")
 
 
 def check_replicas(config: "Config", num_replicas: int):

@@ -48,6 +48,19 @@ def make_strategy(name):
     raise ConfigError(f"--strategy={name}: unknown strategy.")
 
 
+def num_workers(config: Config):
+    """Machines (TF_CONFIG's chief and worker tasks) of a multi_worker run;
+    1 otherwise. Read before the strategy exists: the converter writes at
+    least this many shards, so each worker reads whole files of its own."""
+    if config.train.strategy != "multi_worker":
+        return 1
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG is not JSON: {e}") from None
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
 def is_chief(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "cluster_spec", None) or not resolver.cluster_spec().as_dict():
@@ -96,11 +109,15 @@ def resolve_datasets(config: Config) -> Config:
         val_splits = layouts.parse_val_split(config.data.val_split, config.data.head_names)
     except ConversionError as e:
         raise ConfigError(str(e)) from None
+    # Several machines: a shard per worker at least (one machine keeps the
+    # conversions it made before, whose fingerprint has no min_shards).
+    workers = num_workers(config)
+    shards = {"min_shards": workers} if workers > 1 else {}
     resolved = []
     for ds in config.data.datasets:
         try:
             tf_dir = str(data_cache.ensure_tfrecords(ds.path, cache, name=ds.name,
-                                                     val_split=val_splits[ds.name]))
+                                                     val_split=val_splits[ds.name], **shards))
         except ConversionError as e:
             raise ConfigError(f"--dataset={ds.name}={ds.path}: {e}") from None
         logging.info("Dataset %s %s", ds.name, data_cache.describe_conversion(tf_dir))
@@ -114,6 +131,9 @@ def resolve_datasets(config: Config) -> Config:
         n = n or _count_records(os.path.join(tf_dir, "train-*.tfrecord"))
         if n == 0:
             raise ConfigError(f"--dataset={ds.name}={ds.path}: no training images in {tf_dir}.")
+        if ds.trains and n < workers:
+            raise ConfigError(f"--dataset={ds.name}={ds.path}: {n} training images for {workers} "
+                              "workers; each worker needs one of its own at least.")
         resolved.append(dataclasses.replace(ds, tfrecord_dir=tf_dir, classes=classes, num_train_examples=n))
     return config.with_datasets(resolved)
 
@@ -127,39 +147,57 @@ def schedule_lengths(config: Config) -> Intervals:
     return Intervals.plan(steps, t.checkpoint_every_steps, t.epochs)
 
 
-def train_data(config: Config, detector, start_step=0):
-    """({name: images}, {name: targets}) batches, global batch per dataset.
+def train_data(config: Config, detector, start_step=0, input_context=None):
+    """({name: images}, {name: targets}) batches of one input pipeline.
 
-    The stream is a function of (--seed, start_step): a run resumed at step
-    s reads a stream seeded with s, so it neither replays the batches it
-    trained on before the kill nor costs the time to skip past them
-    (Dataset.skip would run the whole augmentation for every skipped step).
+    Without `input_context`: the global batch per dataset, all records.
+    With one (tf.distribute.InputContext, from distributed_train_data):
+    this worker's pipeline, which reads only its share of each dataset's
+    records (pipeline.train_dataset's `shard`) and batches its replicas'
+    share of the global batch, so N workers decode, augment and encode
+    each record once between them, not N times.
+
+    The stream is a function of (--seed, worker, start_step): a run resumed
+    at step s reads a stream seeded with s, so it neither replays the
+    batches it trained on before the kill nor costs the time to skip past
+    them (Dataset.skip would run the whole augmentation for every skipped
+    step); each worker draws its own Mosaic layouts and colours.
     """
     from effdet_tf.data import augment, pipeline
     from effdet_tf.ops.label_encoder import LabelEncoder
 
     d = config.data
+    workers, worker = 1, 0
+    if input_context is not None:
+        workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
     encoder = LabelEncoder(detector.anchors)
     augment_config = augment.AugmentConfig(
         mosaic_prob=d.mosaic_prob, mixup_prob=d.mixup_prob, hsv_prob=d.hsv_prob,
-        flip_prob=d.flip_prob, scale_min=d.scale_min, scale_max=d.scale_max)
+        flip_prob=d.flip_prob, scale_min=d.scale_min, scale_max=d.scale_max, translate=d.translate)
     per_dataset = {}
     for i, ds in enumerate(d.training_datasets):
+        batch_size = ds.batch_size
+        if input_context is not None:
+            batch_size = input_context.get_per_replica_batch_size(ds.batch_size)
         per_dataset[ds.name] = pipeline.train_dataset(
             os.path.join(ds.tfrecord_dir, "train-*.tfrecord"),
-            batch_size=ds.batch_size,
+            batch_size=batch_size,
             image_size=config.model.image_size,
             label_encoder=encoder,
             augment=augment_config,
             shuffle_buffer=d.shuffle_buffer,
             cache={"auto": "auto", "yes": True, "no": False}[d.cache_images],
-            seed=(d.seed * 1_000_003 + 7919 * i + start_step) % (2**31 - 1),
+            seed=(d.seed * 1_000_003 + 7919 * i + 104_729 * worker + start_step) % (2**31 - 1),
+            shard=(workers, worker) if workers > 1 else None,
         )
-    dataset = pipeline.multi_dataset(per_dataset)
-    options = tf.data.Options()
-    # Several workers: each keeps its share of every global batch.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
+    return pipeline.multi_dataset(per_dataset)
+
+
+def distributed_train_data(config: Config, strategy, detector, start_step=0):
+    """train_data built once per input pipeline (worker) by the strategy,
+    each batched per replica: what model.fit trains on."""
+    return strategy.distribute_datasets_from_function(
+        lambda context: train_data(config, detector, start_step, input_context=context))
 
 
 def eval_data(config: Config, split="val"):
@@ -279,12 +317,13 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
             clock.tick()
         metrics = mean = None
         if eval_sets and (epoch % t.eval_every_epochs == 0 or last or due):
-            with optimization.averaged_weights(model):
-                metrics, mean = evaluator(model, step_now)
-            record = {"epoch": epoch, "step": step_now, "train_minutes": round(clock.seconds / 60, 4),
-                      "metrics": metrics, "mean_ap": mean}
-            history["eval"].append(record)
+            # The chief evaluates every image once; the other workers wait
+            # (see evaluate_on_chief).
+            metrics, mean = evaluate_on_chief(strategy, chief, model, evaluator, step_now)
             if chief:
+                record = {"epoch": epoch, "step": step_now, "train_minutes": round(clock.seconds / 60, 4),
+                          "metrics": metrics, "mean_ap": mean}
+                history["eval"].append(record)
                 callbacks_lib.append_eval_history(model_dir, record)
         if chief:
             callbacks_lib.save_best_and_last(model, model_dir, epoch, step_now, metrics, mean,
@@ -306,7 +345,7 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
         callbacks_lib.ResumableBackup(model_dir, is_chief=chief, step_fn=lambda: counter.step,
                                    skip_if=lambda: watcher.failed or not intervals.is_interval_end(counter.step)),
     ]
-    dataset = train_data(config, model, start_step=step)
+    dataset = distributed_train_data(config, strategy, model, start_step=step)
     fit = model.fit(dataset, epochs=intervals.total, initial_epoch=first, steps_per_epoch=intervals.interval_steps,
                     callbacks=cbs, verbose=fit_verbosity(t.verbose), shuffle=False)
     if not chief:
@@ -318,6 +357,45 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
     return {"step": counter.step, "resumed": state is not None, "replicas": strategy.num_replicas_in_sync,
             "history": fit.history, "eval": history["eval"], "model": model,
             "train_seconds": clock.seconds}
+
+
+def barrier(strategy):
+    """Returns once every worker has called it: an all-reduce of one value
+    per replica (the replica count, which it returns)."""
+    fn = _BARRIERS.get(id(strategy))
+    if fn is None:
+        @tf.function
+        def fn():
+            ones = strategy.run(lambda: tf.constant(1.0))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+        _BARRIERS[id(strategy)] = fn
+    return int(fn())
+
+
+_BARRIERS = {}
+
+
+def evaluate_on_chief(strategy, chief, model, evaluator, step):
+    """COCO metrics of the EMA weights, computed by the chief alone, while
+    the other workers wait at a barrier. Returns (metrics, mean AP) on the
+    chief, (None, None) elsewhere.
+
+    Chosen over each worker scoring a share of the images: evaluation sets
+    are small beside training (BCCD's 36 test images take seconds), the
+    metrics are by construction those of one machine on the same weights
+    (the same code as --mode=eval), and nothing has to gather detections
+    across workers or hold them on shared storage. What it costs: N - 1
+    workers idle for the evaluation's length, every --eval_every_epochs.
+    """
+    metrics = mean = None
+    if chief:
+        with optimization.averaged_weights(model):
+            metrics, mean = evaluator(model, step)
+    else:
+        logging.info("step %d: evaluation runs on the chief; this worker waits.", step)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        barrier(strategy)
+    return metrics, mean
 
 
 def evaluate_model_dir(config: Config, which="best"):

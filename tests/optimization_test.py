@@ -167,9 +167,10 @@ def test_l2_term_gradient_is_decay_times_kernel_and_spares_batchnorm_and_biases(
 
 # One SGD step with clipping active, on two logical CPUs and on one device,
 # for the same global batch, with Keras's SGD and with the recipe's: a tiny
-# Detector with synchronised BatchNorm whose two replicas get identical
-# halves (each head's loss is normalised by its replica's positives, so only
-# then is the two-replica loss the one-device loss).
+# Detector with synchronised BatchNorm. The second replica's half holds no
+# object: each head's loss is normalised by the global batch's positives
+# (losses.normaliser), so the two-replica loss is still the one-device loss;
+# a per-replica count would divide that half's background loss by 1.
 TWO_REPLICAS = """
 import json, sys
 import numpy as np
@@ -206,12 +207,13 @@ def updates(strategy, data):
 
 rng = np.random.default_rng(0)
 encoder = LabelEncoder(Detector(**TINY).anchors)
-boxes = [np.array([[10, 10, 60, 70], [70, 20, 120, 50]], "float32"), np.array([[30, 40, 100, 110]], "float32")]
-classes = [np.array([0, 2], "int32"), np.array([1], "int32")]
+none = np.zeros((0, 4), "float32")
+boxes = [np.array([[10, 10, 60, 70], [70, 20, 120, 50]], "float32"), np.array([[30, 40, 100, 110]], "float32"),
+         none, none]
+classes = [np.array([0, 2], "int32"), np.array([1], "int32"), np.zeros(0, "int32"), np.zeros(0, "int32")]
 encoded = [encoder(tf.constant(b), tf.constant(c), tf.zeros(len(c), tf.bool)) for b, c in zip(boxes, classes)]
-half = rng.uniform(0, 255, size=(2, 128, 128, 3)).astype("float32")
-images = np.concatenate([half, half])
-targets = {k: tf.stack([e[k] for e in encoded] * 2) for k in encoded[0]}
+images = rng.uniform(0, 255, size=(4, 128, 128, 3)).astype("float32")
+targets = {k: tf.stack([e[k] for e in encoded]) for k in encoded[0]}
 data = tf.data.Dataset.from_tensors(({"a": images}, {"a": targets}))
 two = updates(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), data)
 one = updates(tf.distribute.OneDeviceStrategy("/cpu:0"), data)

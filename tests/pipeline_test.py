@@ -239,3 +239,42 @@ def test_letterbox_and_target_encoder_same_eagerly_and_in_dataset_map():
             encoder)))
         for key in eager:
             np.testing.assert_array_equal(eager[key].numpy(), mapped[key].numpy())
+
+
+def _id_files(tmp_path, sizes):
+    """TFRecord files of plain byte records b"<file>:<record>"."""
+    paths = []
+    for f, n in enumerate(sizes):
+        path = str(tmp_path / f"train-{f:05d}.tfrecord")
+        with tf.io.TFRecordWriter(path) as w:
+            for r in range(n):
+                w.write(f"{f}:{r}".encode())
+        paths.append(path)
+    return str(tmp_path / "train-*.tfrecord"), paths
+
+
+@pytest.mark.parametrize("sizes,workers,by_file", [((5, 4, 6), 2, True), ((5, 4, 6), 3, True),
+                                                   ((7,), 2, False), ((5, 4, 6), 4, False)])
+def test_workers_read_disjoint_shares_that_cover_every_record(tmp_path, sizes, workers, by_file):
+    pattern, paths = _id_files(tmp_path, sizes)
+    every = {f"{f}:{r}" for f, n in enumerate(sizes) for r in range(n)}
+    shares = []
+    for index in range(workers):
+        # Each worker shuffles its files with its own seed.
+        records = pipeline._records(pattern, shuffle=True, seed=11 + index, shard=(workers, index))
+        shares.append([r.decode() for r in records.as_numpy_iterator()])
+    seen = [x for share in shares for x in share]
+    assert len(seen) == len(set(seen)) and set(seen) == every
+    readers = {f: {i for i, share in enumerate(shares) if any(x.split(":")[0] == str(f) for x in share)}
+               for f in range(len(sizes))}
+    if by_file:  # whole files, each kept by one worker only
+        assert all(len(r) == 1 for r in readers.values()), readers
+    else:  # every worker keeps its own records of every file
+        assert all(r == set(range(workers)) for r in readers.values()), readers
+        assert all(abs(len(share) - len(every) / workers) <= len(sizes) for share in shares)
+
+
+def test_a_shard_index_outside_the_count_is_an_error(tmp_path):
+    pattern, _ = _id_files(tmp_path, (2,))
+    with pytest.raises(ValueError, match=r"shard index 2 is not in \[0, 2\)"):
+        pipeline._records(pattern, shuffle=False, seed=None, shard=(2, 2))

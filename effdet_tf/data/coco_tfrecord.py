@@ -116,7 +116,7 @@ def _check_outside(out, sources):
 
 def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="train",
                  num_shards=None, strict=False, keep_unusable=False, num_workers=None,
-                 name=None, categories=None, left_out=(), progress=True, verbose=True,
+                 min_shards=1, name=None, categories=None, left_out=(), progress=True, verbose=True,
                  coco=None):
     """Converts one split; returns the report dict (also saved as report_<split>.json).
 
@@ -127,7 +127,10 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
       output_dir: where shards, label_map.json, <split>_annotations.json and
         report_<split>.json go. Must not be inside the source folder.
       split: "train" or "val" (any name works; it prefixes the outputs).
-      num_shards: default: one per ~128 MB of source images.
+      num_shards: default: one per ~128 MB of source images, and at least
+        `min_shards` (capped at the image count).
+      min_shards: the training machines (train.py passes its TF_CONFIG's
+        worker count), so that each reads whole files of its own.
       strict: any skipped image or dropped annotation raises ConversionError.
       keep_unusable: keep images whose every annotation was invalid (as
         images with no boxes) instead of leaving them out.
@@ -190,7 +193,7 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
             report.add("unknown_image_id", str(ann_file), ann["image_id"], ann["id"])
     if num_shards is None:
         size = sum(coco_checks.file_size(image_dir / im["file_name"]) for im in images)
-        num_shards = max(1, min(1024, -(-size // _SHARD_BYTES)))
+        num_shards = max(1, min(1024, -(-size // _SHARD_BYTES)), min(min_shards, len(images)))
     num_workers = num_workers or os.cpu_count() or 1
     jobs = [(str(image_dir / im["file_name"]), im.get("height"), im.get("width"))
             for im in images]

@@ -101,7 +101,7 @@ def ensure_tfrecords(path, cache_dir, name=None, val_split="", **kwargs):
                               " *.tfrecord)") from None
     layout = layouts.find_layout(path, val_split)
     name = name or path.name
-    options = {k: v for k, v in kwargs.items() if k in ("num_shards", "strict", "keep_unusable")}
+    options = {k: v for k, v in kwargs.items() if k in ("num_shards", "min_shards", "strict", "keep_unusable")}
     target = Path(cache_dir) / f"{name}-{_fingerprint(layout, options)}"
     if not is_converted(target):
         _convert_into(layout, target, name, kwargs)

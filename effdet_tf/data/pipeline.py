@@ -2,7 +2,8 @@
 
 Train, per dataset (every stage a parallel `map` unless noted):
 
-  shards (interleaved) -> [cache] -> repeat -> shuffle (serialized records)
+  this worker's shards, or its records of each (interleaved) -> [cache]
+  -> repeat -> shuffle (serialized records)
   -> decode (JPEG DCT-scaled when the image is >= 2x what is needed)
   -> random_resize: letterbox + scale/translate/flip in one resample,
      uint8 S x S                           (per image, augment.py)
@@ -47,30 +48,43 @@ DEFAULT_GROUP_SIZE = 8
 AUTO_CACHE_MAX_BYTES = 32 << 20
 
 
-def _files(file_pattern, shuffle, seed):
+def _file_list(file_pattern):
     patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
     files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
     if not files:
         raise ValueError(f"No TFRecord files match {file_pattern!r}")
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    return ds, len(files)
+    return files
 
 
 def _total_bytes(file_pattern):
-    patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
-    files = {f for p in patterns for f in tf.io.gfile.glob(p)}
-    return sum(tf.io.gfile.stat(f).length for f in files)
+    return sum(tf.io.gfile.stat(f).length for f in _file_list(file_pattern))
 
 
-def _records(file_pattern, shuffle, seed):
-    files, num_files = _files(file_pattern, shuffle, seed)
-    if num_files == 1:
-        return files.flat_map(tf.data.TFRecordDataset)
-    return files.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(num_files, 16),
+def _records(file_pattern, shuffle, seed, shard=None):
+    """Serialized records; with `shard` = (count, index), only this input
+    pipeline's share: whole files when there are at least `count` of them
+    (each worker reads only its files), else every count-th record of each
+    file, dropped right after reading so that no other worker's record is
+    decoded. Either way the shares are disjoint and cover every record,
+    whatever order each worker's seed shuffles its files in."""
+    count, index = shard or (1, 0)
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} is not in [0, {count})")
+    files = _file_list(file_pattern)
+    by_file = len(files) >= count
+    if by_file:
+        files = files[index::count]
+    read = tf.data.TFRecordDataset
+    if not by_file:
+        read = lambda f: tf.data.TFRecordDataset(f).shard(count, index)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    if len(files) == 1:
+        return ds.flat_map(read)
+    return ds.interleave(
+        read,
+        cycle_length=min(len(files), 16),
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )
@@ -180,6 +194,7 @@ def train_dataset(
     cache="auto",
     seed=None,
     jit_label_encoder=True,
+    shard=None,
 ):
     """Infinite training batches of one dataset.
 
@@ -199,6 +214,8 @@ def train_dataset(
         shards total at most `AUTO_CACHE_MAX_BYTES`.
       seed: int for a reproducible pipeline, None for a random one.
       jit_label_encoder: XLA-compile the label encoder call.
+      shard: (count, index): read only this input pipeline's share of the
+        records (one of `count` workers); None = all of them.
 
     Returns:
       tf.data.Dataset of (images float32 [B, S, S, 3] in 0..255, targets
@@ -215,9 +232,10 @@ def train_dataset(
     min_size = int(math.ceil(image_size * max(1.0, config.scale_max)))
     decode = lambda record: decoder.decode_example(record, min_size=min_size)
 
-    ds = _records(file_pattern, shuffle=True, seed=seed)
+    ds = _records(file_pattern, shuffle=True, seed=seed, shard=shard)
     if cache == "auto":
-        cache = _total_bytes(file_pattern) <= AUTO_CACHE_MAX_BYTES
+        share = shard[0] if shard else 1
+        cache = _total_bytes(file_pattern) / share <= AUTO_CACHE_MAX_BYTES
     if cache:
         ds = ds.map(decode, num_parallel_calls=AUTOTUNE).cache()
     ds = ds.repeat().shuffle(shuffle_buffer, seed=seed)
@@ -309,8 +327,7 @@ def eval_dataset(file_pattern, batch_size, image_size):
             "original_size": original,
         }
 
-    files, _ = _files(file_pattern, shuffle=False, seed=None)
-    ds = tf.data.TFRecordDataset(files)
+    ds = tf.data.TFRecordDataset(_file_list(file_pattern))
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 

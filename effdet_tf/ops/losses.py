@@ -3,8 +3,9 @@
 Defaults are EfficientDet's (google/automl `efficientdet/hparams_config.py`
 and `keras/train_lib.py`): focal loss alpha 0.25, gamma 1.5; Huber loss on
 the encoded deltas with delta 0.1, weighted 50; both normalised by the
-number of positive anchors in the batch + 1 (the +1 keeps an image without
-boxes finite), and the Huber sum also by the 4 coordinates. Ignored anchors
+number of positive anchors in the global batch + 1 (the +1 keeps an image
+without boxes finite; `normaliser` counts over every replica), and the
+Huber sum also by the 4 coordinates. Ignored anchors
 (class target -2) add nothing.
 
 The GIoU/CIoU option (YOLOv4 trains with CIoU, Bochkovskiy et al. 2020)
@@ -22,6 +23,28 @@ from effdet_tf.ops.anchors import Anchors
 
 _BOX_LOSSES = ("huber", "giou", "ciou")
 _DEFAULT_BOX_WEIGHT = {"huber": 50.0, "giou": 1.0, "ciou": 1.0}
+
+
+def normaliser(positives):
+    """What a replica divides its loss sums by: (positives + 1) of the whole
+    global batch, over the number of replicas.
+
+    Keras sums the replicas' gradients and Detector.compute_loss returns
+    each replica's loss over the replica count, so with this every replica
+    weighs each positive as one replica holding the whole batch would: the
+    gradient equals a single device's on the same global batch, and a
+    replica whose slice holds no object (or one big crowd) cannot spike the
+    step. A per-replica count (automl's keras train_lib by default; its
+    `positives_momentum < 0` takes the replicas' mean of count + 1 instead)
+    would divide a nearly empty slice's background loss by ~1. The sum is
+    an all-reduce of one scalar per head and step; under no strategy, or
+    one replica, this is positives + 1."""
+    context = tf.distribute.get_replica_context()
+    positives = tf.stop_gradient(positives)
+    if context is None or context.num_replicas_in_sync == 1:
+        return positives + 1.0
+    total = context.all_reduce(tf.distribute.ReduceOp.SUM, positives)
+    return (total + 1.0) / context.num_replicas_in_sync
 
 
 def focal_loss(labels, logits, alpha=0.25, gamma=1.5):
@@ -103,7 +126,7 @@ class DetectionLoss:
 
         positive = cls_targets >= 0
         positive_f = tf.cast(positive, tf.float32)
-        num_positives = tf.reduce_sum(positive_f) + 1.0
+        num_positives = normaliser(tf.reduce_sum(positive_f))
 
         # one_hot of -1 (background) / -2 (ignore) is all zeros.
         labels = tf.one_hot(cls_targets, self.num_classes, dtype=tf.float32)
