@@ -25,6 +25,8 @@ _NOTICES = re.compile(
     r"|cuda_platform\.cc.*failed call to cuInit"
     r"|cuda_executor\.cc.*(kernel driver does not appear|no NVIDIA GPU)"
     r"|cpu_feature_guard\.cc.*This TensorFlow binary is optimized"
+    # CPUs with oneDNN's custom ops (AVX-512 machines) print this at import.
+    r"|port\.cc.*oneDNN custom operations are on"
     r"|^To enable the following instructions: .* rebuild TensorFlow"
 )
 

@@ -11,8 +11,10 @@ from effdet_tf import tf_startup, train_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
-# As TensorFlow 2.21 printed them on the build machine (no GPU).
+# As TensorFlow 2.21 printed them on the build machines (no GPU; the
+# oneDNN line on an AVX-512 one).
 NOTICES = """WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+I0000 00:00:1796171708.758255   16950 port.cc:153] oneDNN custom operations are on. You may see slightly different numerical results due to floating-point round-off errors from different computation orders. To turn them off, set the environment variable `TF_ENABLE_ONEDNN_OPTS=0`.
 I0000 00:00:1796114024.878718    3196 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.
 I0000 00:00:1796114025.044528    3196 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to use available CPU instructions in performance-critical operations.
 To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the appropriate compiler flags.
