@@ -298,6 +298,7 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
                  strategy.num_replicas_in_sync)
 
     eval_sets = eval_data(config) if evaluate_during else {}
+    barrier = make_barrier(strategy) if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else None
     evaluator = callbacks_lib.Evaluator(config, eval_sets, os.path.join(model_dir, "eval"), is_chief=chief)
     counter = callbacks_lib.StepCounter(step)
     watcher = callbacks_lib.NonFiniteLossWatcher(config.head_names, patience=t.max_nonfinite_steps, counter=counter)
@@ -319,7 +320,7 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
         if eval_sets and (epoch % t.eval_every_epochs == 0 or last or due):
             # The chief evaluates every image once; the other workers wait
             # (see evaluate_on_chief).
-            metrics, mean = evaluate_on_chief(strategy, chief, model, evaluator, step_now)
+            metrics, mean = evaluate_on_chief(chief, model, evaluator, step_now, barrier)
             if chief:
                 record = {"epoch": epoch, "step": step_now, "train_minutes": round(clock.seconds / 60, 4),
                           "metrics": metrics, "mean_ap": mean}
@@ -359,26 +360,21 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
             "train_seconds": clock.seconds}
 
 
-def barrier(strategy):
-    """Returns once every worker has called it: an all-reduce of one value
-    per replica (the replica count, which it returns)."""
-    fn = _BARRIERS.get(id(strategy))
-    if fn is None:
-        @tf.function
-        def fn():
-            ones = strategy.run(lambda: tf.constant(1.0))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
-        _BARRIERS[id(strategy)] = fn
-    return int(fn())
+def make_barrier(strategy):
+    """A function that returns once every worker has called it: an
+    all-reduce of one value per replica (it returns the replica count)."""
+    @tf.function
+    def barrier():
+        ones = strategy.run(lambda: tf.constant(1.0))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+    return lambda: int(barrier())
 
 
-_BARRIERS = {}
-
-
-def evaluate_on_chief(strategy, chief, model, evaluator, step):
+def evaluate_on_chief(chief, model, evaluator, step, barrier=None):
     """COCO metrics of the EMA weights, computed by the chief alone, while
-    the other workers wait at a barrier. Returns (metrics, mean AP) on the
-    chief, (None, None) elsewhere.
+    the other workers wait at `barrier` (make_barrier; None: one worker).
+    Returns (metrics, mean AP) on the chief, (None, None) elsewhere.
 
     Chosen over each worker scoring a share of the images: evaluation sets
     are small beside training (BCCD's 36 test images take seconds), the
@@ -393,8 +389,8 @@ def evaluate_on_chief(strategy, chief, model, evaluator, step):
             metrics, mean = evaluator(model, step)
     else:
         logging.info("step %d: evaluation runs on the chief; this worker waits.", step)
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        barrier(strategy)
+    if barrier is not None:
+        barrier()
     return metrics, mean
 
 
