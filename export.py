@@ -1,11 +1,12 @@
 """Export a trained model dir as a SavedModel for TF Serving.
 
-    python export.py --model_dir=DIR --export_dir=OUT [--version=N]
+    python export.py --model_dir=DIR [--export_dir=OUT] [--export_version=N]
         [--which=best|last|best_<dataset>] [--datasets=food,appliance]
         [--score_threshold=0.05 --nms_method=hard|gaussian --iou_threshold=0.5
          --soft_nms_sigma=0.5 --pre_nms_topk=1000 --max_detections=100]
 
-Writes OUT/<N>/ (next free version by default): saved_model.pb, variables/,
+Writes OUT/<N>/ (OUT: config.json's --export_dir, else DIR/export; N: the
+next free version by default; --version is the same flag as --export_version): saved_model.pb, variables/,
 assets/label_map.json and class_equivalence.json,
 assets.extra/tf_serving_warmup_requests, tag `serve`, with signatures
 `<dataset>`, `<dataset>_bytes`, `<dataset>_tf_example`, `all`, `all_bytes`,
@@ -32,16 +33,17 @@ from effdet_tf import flags as config_flags
 _NOT_EXPORTED = ("eval_score_threshold",)
 
 flags.DEFINE_string("model_dir", None, "Training model dir (config.json + {best,last}.weights.h5).")
-flags.DEFINE_string("export_dir", None, "SavedModel root; the version goes in a numbered sub-folder.")
-flags.DEFINE_integer("version", 0, "SavedModel version (0: next free integer). An existing one is an error.")
 flags.DEFINE_string("which", "best", "Which checkpoint's EMA weights to export: best (mean AP over datasets), "
                     "last, or best_<dataset> (kept by train.py --keep_best_per_dataset).")
 flags.DEFINE_list("datasets", [], "Datasets (heads) to export, in signature order (default: all).")
 config_flags.define_override_flags("postprocess", exclude=_NOT_EXPORTED)
-# export_dir and the version are export.py's own flags above.
-_EXPORT_OWN = ("export_dir", "export_version")
-config_flags.define_override_flags("export", exclude=_EXPORT_OWN)
-flags.mark_flags_as_required(["model_dir", "export_dir"])
+# Every other export setting (--export_dir included: default config.json's,
+# else MODEL_DIR/export) reads config.json unless given. The version does
+# not: the one training wrote exists already.
+config_flags.define_override_flags("export", exclude=("export_version",))
+config_flags.define_field_flag("export_version", " An existing version is an error.")
+flags.DEFINE_alias("version", "export_version")
+flags.mark_flags_as_required(["model_dir"])
 FLAGS = flags.FLAGS
 
 
@@ -55,11 +57,10 @@ def main(argv):
     try:
         path = export_lib.export_from_model_dir(
             FLAGS.model_dir,
-            FLAGS.export_dir,
-            version=FLAGS.version,
+            version=FLAGS.export_version,
             which=FLAGS.which,
             datasets=FLAGS.datasets,
-            export_overrides=config_flags.overrides("export", exclude=_EXPORT_OWN),
+            export_overrides=config_flags.overrides("export", exclude=("export_version",)),
             **config_flags.overrides("postprocess", exclude=_NOT_EXPORTED),
         )
     except export_lib.ExportError as e:

@@ -1,4 +1,4 @@
-"""Frozen run configuration: model, data, train, export and postprocess sections.
+"""Frozen run configuration: model, data, augment, train, export and postprocess sections.
 
 Flags become a `Config` once (effdet_tf/flags.py); every workflow below takes
 the config and never reads flags. The resolved config (with each dataset's
@@ -99,12 +99,17 @@ class ModelConfig:
     aspect_ratios: Tuple[float, ...] = _field((1.0, 2.0, 0.5), "Anchor aspect ratios.")
     anchor_scale: float = _field(4.0, "Anchor size in units of the level's stride.")
     box_loss: str = _field("huber", "Box regression loss.", BOX_LOSSES)
+    label_smoothing: float = _field(
+        0.0, "Class label smoothing eps of the focal loss's cross-entropy: targets 1 - eps/2 and eps/2 "
+        "(automl's label_smoothing, YOLOv5's smooth_BCE; YOLOv4's bag of freebies).")
     bn_momentum: float = _field(
         0.99, "Momentum of every BatchNorm's moving statistics (EfficientDet, Darknet: 0.99, an average "
         "over ~100 steps; ultralytics YOLOv8: 0.97). A run of a few hundred steps needs a lower one: the "
         "moving statistics otherwise lag the weights and evaluation collapses (BENCHMARKS.md).")
 
     def check(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label_smoothing={self.label_smoothing}: must be in [0, 1).")
         if not 0.0 <= self.bn_momentum < 1.0:
             raise ConfigError(f"--bn_momentum={self.bn_momentum}: must be in [0, 1).")
         if self.image_size % (2 ** self.max_level):
@@ -116,8 +121,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Datasets and the input pipeline. Augmentation follows YOLOv4
-    (Bochkovskiy et al. 2020): Mosaic, MixUp, HSV jitter, flip, scale."""
+    """Datasets and the input pipeline (augmentation: AugmentConfig)."""
 
     datasets: Tuple[DatasetConfig, ...] = _field((), "Set by --dataset=NAME=PATH.", flag=False)
     data_cache_dir: str = _field(
@@ -130,15 +134,6 @@ class DataConfig:
         8, "Global batch per dataset and step (summed over replicas); "
         "--dataset_batch_size=NAME=N overrides it for one dataset.")
     eval_batch_size: int = _field(8, "Global batch for evaluation.")
-    mosaic_prob: float = _field(0.5, "Probability of a Mosaic batch element.")
-    mixup_prob: float = _field(0.15, "Probability of MixUp.")
-    hsv_prob: float = _field(1.0, "Probability of HSV colour jitter.")
-    flip_prob: float = _field(0.5, "Probability of a horizontal flip.")
-    scale_min: float = _field(0.5, "Smallest random scale.")
-    scale_max: float = _field(1.5, "Largest random scale.")
-    translate: float = _field(
-        1.0, "Random placement: the fraction of the free room (canvas minus the scaled image) an image "
-        "moves by (0: the top-left letterbox of evaluation, 1: anywhere).")
     shuffle_buffer: int = _field(1024, "Shuffle buffer (examples) per dataset.")
     cache_images: str = _field(
         "auto", "Keep decoded training images in memory: auto = when a dataset's "
@@ -164,6 +159,76 @@ class DataConfig:
     @property
     def images_per_step(self) -> int:
         return sum(d.batch_size for d in self.training_datasets)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (effdet_tf/data/augment.py), YOLOv4's
+    (Bochkovskiy et al. 2020): Mosaic, MixUp, HSV jitter, flip, scale and
+    translation. Colour, flip and scale defaults are YOLOv5's
+    `hyp.scratch-low` (hsv 0.015/0.7/0.4, fliplr 0.5, scale 0.5), box
+    survival its `box_candidates` (wh_thr=2, area_thr=0.1).
+
+    Mosaic is drawn per group of images (keras-cv's Mosaic computes all or
+    none of a group; a per-image draw would pay for every image anyway).
+    `mixup_alpha` 32 as YOLOv5: blend weights near 0.5, so both images'
+    objects are visible (keras-cv's default 0.2 gives weights near 0 or 1:
+    targets for invisible objects)."""
+
+    mosaic_prob: float = _field(0.5, "Probability of a Mosaic batch element.")
+    mosaic_offset: Tuple[float, ...] = _field(
+        (0.25, 0.75), "Range of the Mosaic centre, as fractions of the input size (lo,hi).")
+    mixup_prob: float = _field(0.15, "Probability of MixUp, per image, with another image of its group.")
+    mixup_alpha: float = _field(32.0, "MixUp blend weight ~ Beta(alpha, alpha).")
+    hsv_prob: float = _field(1.0, "Probability of HSV colour jitter.")
+    hsv_gains: Tuple[float, ...] = _field(
+        (0.015, 0.7, 0.4), "HSV jitter ranges h,s,v: hue shift of +-h turns, saturation and value gains in "
+        "1 +- s and 1 +- v.")
+    flip_prob: float = _field(0.5, "Probability of a horizontal flip.")
+    scale_min: float = _field(0.5, "Smallest random scale, relative to the letterbox size.")
+    scale_max: float = _field(1.5, "Largest random scale, relative to the letterbox size.")
+    translate: float = _field(
+        1.0, "Random placement: the fraction of the free room (canvas minus the scaled image) an image "
+        "moves by (0: the top-left letterbox of evaluation, 1: anywhere).")
+    min_box_size: float = _field(
+        2.0, "A box a crop cuts into survives if both its sides stay at least this many pixels "
+        "and --min_box_area_ratio holds.")
+    min_box_area_ratio: float = _field(
+        0.1, "A box a crop cuts into survives if it keeps at least this fraction of its area "
+        "and --min_box_size holds.")
+
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        """No augmentation: the plain letterbox of evaluation."""
+        return cls(mosaic_prob=0.0, mixup_prob=0.0, hsv_prob=0.0, flip_prob=0.0, scale_min=1.0, scale_max=1.0,
+                   translate=0.0)
+
+    @property
+    def uses_groups(self) -> bool:
+        """Whether the group stage (Mosaic, MixUp) has anything to do."""
+        return self.mosaic_prob > 0.0 or self.mixup_prob > 0.0
+
+    def check(self):
+        if self.scale_min <= 0 or self.scale_min > self.scale_max:
+            raise ConfigError(
+                f"--scale_min={self.scale_min} / --scale_max={self.scale_max}: need 0 < scale_min <= scale_max.")
+        for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "flip_prob", "translate", "min_box_area_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"--{name}={value}: must be in [0, 1].")
+        lo_hi = self.mosaic_offset
+        if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
+            raise ConfigError(f"--mosaic_offset={_csv(lo_hi)}: need two values 0 <= lo <= hi <= 1.")
+        if len(self.hsv_gains) != 3 or min(self.hsv_gains) < 0:
+            raise ConfigError(f"--hsv_gains={_csv(self.hsv_gains)}: need three values h,s,v >= 0.")
+        if self.mixup_alpha <= 0:
+            raise ConfigError(f"--mixup_alpha={self.mixup_alpha}: must be positive.")
+        if self.min_box_size < 0:
+            raise ConfigError(f"--min_box_size={self.min_box_size}: must be >= 0.")
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +309,8 @@ class TrainConfig:
 class ExportConfig:
     """Where export.py writes (what it exports: PostprocessConfig)."""
 
-    export_dir: str = _field("", "SavedModel root; versions go in numbered subfolders.")
+    export_dir: str = _field(
+        "", "SavedModel root; versions go in numbered subfolders (empty: MODEL_DIR/export).")
     export_version: int = _field(0, "SavedModel version (0: next free).")
     serving_model_name: str = _field("effdet", "The model's name in models.config (TF Serving's MODEL_NAME).")
     serving_base_path: str = _field(
@@ -326,14 +392,15 @@ class PostprocessConfig:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be positive.")
 
 
-SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("export", ExportConfig),
-            ("postprocess", PostprocessConfig))
+SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("augment", AugmentConfig), ("train", TrainConfig),
+            ("export", ExportConfig), ("postprocess", PostprocessConfig))
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
@@ -369,6 +436,7 @@ class Config:
             "anchor_scale": m.anchor_scale,
             "head_loss_weights": {d.name: d.loss_weight for d in self.data.datasets},
             "box_loss": m.box_loss,
+            "label_smoothing": m.label_smoothing,
             "bn_momentum": m.bn_momentum,
         }
 
@@ -398,7 +466,7 @@ class Config:
                 f"config.json has config_version {version}, newer than this "
                 f"code's {CONFIG_VERSION}."
             )
-        d = _moved_postprocess_keys(d)
+        d = _moved_augment_keys(_moved_postprocess_keys(d))
         sections = {}
         for name, klass in SECTIONS:
             sections[name] = _from_dict(klass, d.get(name, {}), name)
@@ -465,6 +533,22 @@ def _moved_postprocess_keys(d: Mapping[str, Any]) -> Dict[str, Any]:
     return d
 
 
+# The augmentation settings config.json files kept in "data" before the
+# augment section existed.
+_MOVED_TO_AUGMENT = ("mosaic_prob", "mixup_prob", "hsv_prob", "flip_prob", "scale_min", "scale_max", "translate")
+
+
+def _moved_augment_keys(d: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config dict with older files' augmentation keys moved from "data"
+    into "augment" (a key the section already has wins)."""
+    d = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+    augment = d.setdefault("augment", {})
+    for key in _MOVED_TO_AUGMENT:
+        if key in d.get("data", {}):
+            augment.setdefault(key, d["data"].pop(key))
+    return d
+
+
 def _dataset_from_dict(d: Mapping[str, Any]) -> DatasetConfig:
     d = dict(d)
     d["classes"] = tuple(ClassEntry(**c) for c in d.get("classes", ()))
@@ -487,6 +571,7 @@ def classes_from_label_map(label_map: Mapping[str, Any]) -> Tuple[ClassEntry, ..
 def check(config: "Config"):
     """Checks that need no strategy and no files. Messages name the flag."""
     config.model.check()
+    config.augment.check()
     config.postprocess.check()
     t, d = config.train, config.data
     positive = {"batch_size": d.batch_size, "eval_batch_size": d.eval_batch_size, "epochs": t.epochs,
@@ -516,12 +601,6 @@ def check(config: "Config"):
         raise ConfigError(f"--ema_momentum={t.ema_momentum}: must be in [0, 1).")
     if t.learning_rate <= 0:
         raise ConfigError(f"--learning_rate={t.learning_rate}: must be positive.")
-    if d.scale_min <= 0 or d.scale_min > d.scale_max:
-        raise ConfigError(f"--scale_min={d.scale_min} / --scale_max={d.scale_max}: need 0 < scale_min <= scale_max.")
-    for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "flip_prob", "translate"):
-        value = getattr(d, name)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--{name}={value}: must be in [0, 1].")
 
 
 def check_replicas(config: "Config", num_replicas: int):

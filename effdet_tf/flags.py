@@ -169,6 +169,15 @@ def define_override_flags(section, exclude=()):
             _define(field, " Default: the model dir's config.json.")
 
 
+def define_field_flag(name, help_suffix=""):
+    """The flag of the config field `name`, for an entry point that gives
+    it a meaning of its own (export.py's version: the next free one, not
+    config.json's)."""
+    for _, field in config_lib.flag_fields():
+        if field.name == name and name not in FLAGS:
+            _define(field, help_suffix)
+
+
 def overrides(section, exclude=(), flag_values=FLAGS):
     """{field: value} of the `section` flags given on the command line."""
     return {

@@ -163,7 +163,7 @@ def train_data(config: Config, detector, start_step=0, input_context=None):
     them (Dataset.skip would run the whole augmentation for every skipped
     step); each worker draws its own Mosaic layouts and colours.
     """
-    from effdet_tf.data import augment, pipeline
+    from effdet_tf.data import pipeline
     from effdet_tf.ops.label_encoder import LabelEncoder
 
     d = config.data
@@ -171,9 +171,6 @@ def train_data(config: Config, detector, start_step=0, input_context=None):
     if input_context is not None:
         workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
     encoder = LabelEncoder(detector.anchors)
-    augment_config = augment.AugmentConfig(
-        mosaic_prob=d.mosaic_prob, mixup_prob=d.mixup_prob, hsv_prob=d.hsv_prob,
-        flip_prob=d.flip_prob, scale_min=d.scale_min, scale_max=d.scale_max, translate=d.translate)
     per_dataset = {}
     for i, ds in enumerate(d.training_datasets):
         batch_size = ds.batch_size
@@ -184,7 +181,7 @@ def train_data(config: Config, detector, start_step=0, input_context=None):
             batch_size=batch_size,
             image_size=config.model.image_size,
             label_encoder=encoder,
-            augment=augment_config,
+            augment=config.augment,
             shuffle_buffer=d.shuffle_buffer,
             cache={"auto": "auto", "yes": True, "no": False}[d.cache_images],
             seed=(d.seed * 1_000_003 + 7919 * i + 104_729 * worker + start_step) % (2**31 - 1),
@@ -430,9 +427,8 @@ def after_training(config: Config, result):
     if t.export_after_training:
         from effdet_tf.serving import export_lib
 
-        export_dir = config.export.export_dir or os.path.join(t.model_dir, "export")
-        # Post-processing: the model dir's config.json, as export.py reads it.
-        path = export_lib.export_from_model_dir(t.model_dir, export_dir, version=config.export.export_version)
+        # Everything from the model dir's config.json, as export.py reads it.
+        path = export_lib.export_from_model_dir(t.model_dir, version=config.export.export_version)
         logging.info("Exported SavedModel: %s", path)
         result["export"] = path
     if t.visualize_after_training:

@@ -169,3 +169,31 @@ def test_postprocess_flags_reach_the_config(tmp_path):
     post = config.postprocess
     assert (post.nms_method, post.soft_nms_sigma, post.eval_score_threshold, post.score_threshold,
             post.pre_nms_topk) == ("hard", 0.3, 0.01, 0.2, 500)
+
+
+def test_config_json_with_augmentation_in_data_still_loads():
+    """Written before the augment section existed, the seven augmentation
+    settings sat in "data"; they are read into "augment"."""
+    d = _config().to_dict()
+    del d["augment"]
+    d["data"].update(mosaic_prob=0.0, mixup_prob=0.05, hsv_prob=0.5, flip_prob=0.25, scale_min=0.75,
+                     scale_max=1.25, translate=0.5)
+    aug = Config.from_dict(d).augment
+    assert (aug.mosaic_prob, aug.mixup_prob, aug.hsv_prob, aug.flip_prob, aug.scale_min, aug.scale_max,
+            aug.translate) == (0.0, 0.05, 0.5, 0.25, 0.75, 1.25, 0.5)
+    assert aug.mixup_alpha == 32.0 and aug.hsv_gains == (0.015, 0.7, 0.4)  # not in such files: defaults
+
+
+def test_augmentation_flags_reach_the_config_and_are_checked(tmp_path):
+    from effdet_tf import flags
+    from effdet_tf.config import ConfigError
+
+    base = ["train.py", f"--dataset=a={tmp_path}", f"--model_dir={tmp_path / 'm'}"]
+    aug = flags.config_from_argv(base + ["--hsv_gains=0.02,0.5,0.3", "--mosaic_offset=0.3,0.7", "--mixup_alpha=8",
+                                         "--min_box_size=3", "--translate=0.25"]).augment
+    assert (aug.hsv_gains, aug.mosaic_offset, aug.mixup_alpha, aug.min_box_size, aug.translate) == (
+        (0.02, 0.5, 0.3), (0.3, 0.7), 8.0, 3.0, 0.25)
+    for bad in ("--hsv_gains=0.1,0.2", "--mosaic_offset=0.8,0.2", "--mixup_alpha=0", "--min_box_area_ratio=1.5",
+                "--scale_min=2"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            flags.config_from_argv(base + [bad])

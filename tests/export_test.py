@@ -11,9 +11,11 @@ model call, ops.postprocess, mapping back in Python).
 """
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -287,6 +289,46 @@ def exported(tmp_path_factory):
         "root": root, "model_dir": model_dir, "export_dir": export_dir, "path": path, "info": info,
         "loaded": loaded, "reference": reference, "inputs": inputs, "images": images,
     }
+
+
+@contextlib.contextmanager
+def _tf_log_messages():
+    """The messages TensorFlow's logger emits at INFO inside the block."""
+    import logging
+
+    messages = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger, handler = tf.get_logger(), Keep()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_renamed_inputs_notice_is_dropped_from_the_log():
+    """TensorFlow logs, per endpoint of a model exported in the process
+    that trained it (the demo), a ~15 KB line naming every captured input
+    it renames; quiet_renamed_inputs drops that notice and nothing else."""
+    notice = ("Function `serve` contains input name(s) " + ", ".join(str(424210 + 2 * i) for i in range(2000))
+              + " with unsupported characters which will be renamed to unknown, unknown_0 in the SavedModel.")
+    with _tf_log_messages() as outside:
+        tf.get_logger().info(notice)
+    with _tf_log_messages() as inside, export_lib.quiet_renamed_inputs():
+        tf.get_logger().info(notice)
+        tf.get_logger().info("Assets written to: /tmp/x/assets")
+    assert outside == [notice]
+    assert inside == ["Assets written to: /tmp/x/assets"]
+    with _tf_log_messages() as after:  # the filter goes with the block
+        tf.get_logger().info(notice)
+    assert after == [notice]
 
 
 def test_layout_version_and_asset(exported):
@@ -642,6 +684,24 @@ def test_existing_version_is_refused_and_untouched(exported):
     assert export_lib.next_version(exported["export_dir"]) == 2
 
 
+def test_export_root_defaults_to_config_then_model_dir(exported, tmp_path):
+    """Without an export dir the root is the export settings' --export_dir,
+    else MODEL_DIR/export (where train.py's --export_after_training writes):
+    an existing version there is refused, naming that path."""
+    default_root = os.path.join(exported["model_dir"], "export")
+    os.makedirs(os.path.join(default_root, "1"))
+    try:
+        with pytest.raises(export_lib.ExportError, match=re.escape(os.path.join(default_root, "1"))):
+            export_lib.export_from_model_dir(exported["model_dir"], version=1)
+    finally:
+        shutil.rmtree(default_root)
+    configured = tmp_path / "configured"
+    (configured / "1").mkdir(parents=True)
+    with pytest.raises(export_lib.ExportError, match=re.escape(str(configured / "1"))):
+        export_lib.export_from_model_dir(exported["model_dir"], version=1,
+                                         export_overrides={"export_dir": str(configured)})
+
+
 def test_unknown_dataset_is_refused(exported):
     before = _tree(exported["export_dir"])
     with pytest.raises(export_lib.ExportError, match=r"Unknown dataset.*pizza.*appliance"):
@@ -694,14 +754,15 @@ def test_cli_reports_errors_without_traceback(exported):
     """export.py exits non-zero with one clear line and overwrites nothing
     (the other error cases share this path and are checked in-process)."""
     before = _tree(exported["export_dir"])
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "export.py"), f"--model_dir={exported['model_dir']}",
-         f"--export_dir={exported['export_dir']}", "--version=1"],
-        cwd=str(exported["root"]), env=ENV, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode != 0
-    assert "export: " in proc.stderr and "already exists" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    for version_flag in ("--export_version=1", "--version=1"):  # --version: the same flag's older name
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "export.py"), f"--model_dir={exported['model_dir']}",
+             f"--export_dir={exported['export_dir']}", version_flag],
+            cwd=str(exported["root"]), env=ENV, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode != 0
+        assert "export: " in proc.stderr and "already exists" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
     assert _tree(exported["export_dir"]) == before
 
 

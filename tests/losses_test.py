@@ -59,6 +59,26 @@ def test_focal_loss_against_hand_value():
     np.testing.assert_allclose(single, _focal_by_hand(2.0, 1), rtol=1e-6)
 
 
+def test_label_smoothing_moves_only_the_cross_entropy_targets():
+    """eps = 0.2: the cross-entropy aims at 0.9 / 0.1, the focal factor
+    alpha_t (1 - p_t)^gamma still reads the hard label."""
+    eps, alpha, gamma = 0.2, 0.25, 1.5
+    for label, logit in ((1.0, 2.0), (0.0, 2.0), (0.0, -3.0), (1.0, -1.0)):
+        p = 1.0 / (1.0 + math.exp(-logit))
+        target = 0.9 if label else 0.1
+        ce = -(target * math.log(p) + (1.0 - target) * math.log(1.0 - p))
+        p_t = p if label else 1.0 - p
+        weight = (alpha if label else 1.0 - alpha) * (1.0 - p_t) ** gamma
+        got = focal_loss(tf.constant([label]), tf.constant([logit]), alpha, gamma, label_smoothing=eps)
+        np.testing.assert_allclose(got.numpy()[0], weight * ce, rtol=1e-5)
+    # Through DetectionLoss: a different class loss, the same box loss.
+    targets, outputs = _batch()
+    hard = DetectionLoss(num_classes=2)(targets, outputs)
+    soft = DetectionLoss(num_classes=2, label_smoothing=eps)(targets, outputs)
+    assert abs(soft["cls_loss"].numpy() - hard["cls_loss"].numpy()) > 1e-3
+    np.testing.assert_allclose(soft["box_loss"].numpy(), hard["box_loss"].numpy())
+
+
 def test_focal_loss_keeps_gradient_for_confident_mistakes():
     logits = tf.constant([40.0])
     with tf.GradientTape() as tape:
@@ -173,7 +193,7 @@ def test_works_in_tf_function_with_unknown_batch():
 
 def test_config_round_trip_and_validation():
     loss_fn = DetectionLoss(num_classes=5, gamma=2.0, box_loss="giou",
-                            anchors=ANCHORS)
+                            anchors=ANCHORS, label_smoothing=0.1)
     clone = DetectionLoss.from_config(loss_fn.get_config())
     assert clone.get_config() == loss_fn.get_config()
     with pytest.raises(ValueError):

@@ -36,12 +36,11 @@ flags ride inside the class: class + CROWD_OFFSET for a crowd box, decoded
 back on the way out (`to_keras_cv` / `from_keras_cv`).
 """
 
-import dataclasses
-
 import keras_cv
 import tensorflow as tf
 
 from effdet_tf import compat
+from effdet_tf.config import AugmentConfig  # noqa: F401 - the settings these stages read, declared once there
 from effdet_tf.data.colour import colour_jitter  # noqa: F401 - one import point for the three stages
 from effdet_tf.data.preprocess import pad_to_canvas, resize_bilinear  # the letterbox's own resample and pad
 from effdet_tf.ops import boxes as box_ops
@@ -49,64 +48,6 @@ from effdet_tf.ops import boxes as box_ops
 # Crowd boxes travel through keras-cv as class + CROWD_OFFSET. keras-cv
 # keeps classes in float32, exact for integers below 2**24.
 CROWD_OFFSET = 1 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation. Defaults follow YOLOv5's `hyp.scratch-low`
-    for colour/flip/scale (hsv 0.015/0.7/0.4, fliplr 0.5, scale 0.5) and
-    the project's DataConfig for the Mosaic/MixUp probabilities.
-
-    mosaic_prob: probability that an image is a 4-image Mosaic. Drawn per
-      group of `group_size` images (keras-cv's Mosaic computes all or none
-      of a group; a per-image draw would pay for every image anyway).
-    mosaic_offset: range of the mosaic centre, fraction of S (keras-cv).
-    mixup_prob: probability, per image, of MixUp with another group image.
-    mixup_alpha: blend weight ~ Beta(alpha, alpha). 32 as YOLOv5: weights
-      near 0.5, so both images' objects are visible (keras-cv's default
-      0.2 gives weights near 0 or 1: targets for invisible objects).
-    hsv_prob, hsv_gains: probability and (hue, saturation, value) ranges:
-      hue shift of +-h turns, saturation and value gains in 1 +- s, 1 +- v.
-    flip_prob: probability of a horizontal flip.
-    scale_min, scale_max: random zoom relative to the letterbox size.
-    translate: fraction of the free room (canvas minus image; negative when
-      zoomed in) used for a random offset: 0 keeps the top-left letterbox
-      placement, 1 places/crops anywhere.
-    min_box_size, min_box_area_ratio: a box survives a crop if both sides
-      stay >= min_box_size pixels and it keeps >= this fraction of its area
-      (YOLOv5 `box_candidates`: wh_thr=2, area_thr=0.1).
-    """
-
-    mosaic_prob: float = 0.5
-    mosaic_offset: tuple = (0.25, 0.75)
-    mixup_prob: float = 0.15
-    mixup_alpha: float = 32.0
-    hsv_prob: float = 1.0
-    hsv_gains: tuple = (0.015, 0.7, 0.4)
-    flip_prob: float = 0.5
-    scale_min: float = 0.5
-    scale_max: float = 1.5
-    translate: float = 1.0
-    min_box_size: float = 2.0
-    min_box_area_ratio: float = 0.1
-
-    @classmethod
-    def none(cls):
-        """No augmentation: `random_resize` becomes the plain letterbox."""
-        return cls(
-            mosaic_prob=0.0,
-            mixup_prob=0.0,
-            hsv_prob=0.0,
-            flip_prob=0.0,
-            scale_min=1.0,
-            scale_max=1.0,
-            translate=0.0,
-        )
-
-    @property
-    def uses_groups(self):
-        """Whether `GroupAugment` has anything to do."""
-        return self.mosaic_prob > 0.0 or self.mixup_prob > 0.0
 
 
 def to_keras_cv(classes, is_crowd):
@@ -213,33 +154,53 @@ def random_resize(example, image_size, seed, config):
       cropped away are dropped).
     """
     size = image_size
-    image = example["image"]
-    shape = tf.shape(image)
-    height = tf.cast(shape[0], tf.float32)
-    width = tf.cast(shape[1], tf.float32)
-    u = tf.random.stateless_uniform([4], seed)
+    shape = tf.shape(example["image"])
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    place = _draw_placement(height, width, size, seed, config)
+    canvas = _place_image(example["image"], place, size, config)
+    # Boxes: the per-axis scale the integer resize really applied.
+    scale_y = tf.cast(place["new_h"], tf.float32) / height
+    scale_x = tf.cast(place["new_w"], tf.float32) / width
+    ymin, xmin, ymax, xmax = tf.unstack(tf.reshape(example["boxes"], [-1, 4]), axis=-1)
+    xmin, xmax = tf.cond(place["flip"], lambda: (width - xmax, width - xmin), lambda: (xmin, xmax))
+    dy, dx = tf.cast(place["offset_y"], tf.float32), tf.cast(place["offset_x"], tf.float32)
+    moved = tf.stack([ymin * scale_y + dy, xmin * scale_x + dx, ymax * scale_y + dy, xmax * scale_x + dx], axis=-1)
+    clipped = box_ops.clip(moved, size, size)
+    keep = _keep_boxes(clipped, box_ops.area(moved), config)
+    return {
+        "image": tf.ensure_shape(canvas, [size, size, 3]),
+        "boxes": tf.boolean_mask(clipped, keep),
+        "classes": tf.boolean_mask(example["classes"], keep),
+        "is_crowd": tf.boolean_mask(example["is_crowd"], keep),
+    }
 
+
+def _draw_placement(height, width, size, seed, config):
+    """The random zoom, offset and flip of one image: {"new_h", "new_w"
+    (its resized size), "offset_y", "offset_x" (where its top-left corner
+    lands on the canvas; negative: cropped), "flip"}."""
+    u = tf.random.stateless_uniform([4], seed)
     zoom = config.scale_min + (config.scale_max - config.scale_min) * u[0]
     scale = float(size) / tf.maximum(height, width) * zoom
     new_h = tf.maximum(tf.cast(tf.round(height * scale), tf.int32), 1)
     new_w = tf.maximum(tf.cast(tf.round(width * scale), tf.int32), 1)
     # Integer offsets: negative = the resized image is cropped, positive =
     # it sits inside the canvas. translate=0 keeps the top-left letterbox.
-    offset_y = tf.cast(
-        tf.round(config.translate * u[1] * tf.cast(size - new_h, tf.float32)),
-        tf.int32,
-    )
-    offset_x = tf.cast(
-        tf.round(config.translate * u[2] * tf.cast(size - new_w, tf.float32)),
-        tf.int32,
-    )
-    flip = u[3] < config.flip_prob
+    offset_y = tf.cast(tf.round(config.translate * u[1] * tf.cast(size - new_h, tf.float32)), tf.int32)
+    offset_x = tf.cast(tf.round(config.translate * u[2] * tf.cast(size - new_w, tf.float32)), tf.int32)
+    return {"new_h": new_h, "new_w": new_w, "offset_y": offset_y, "offset_x": offset_x,
+            "flip": u[3] < config.flip_prob}
 
+
+def _place_image(image, place, size, config):
+    """The image resized, cropped to what the canvas shows, mirrored and
+    padded onto the S x S zero canvas, uint8."""
     # tf.image.resize is ~2x faster than crop_and_resize on CPU; the crop,
     # mirror and pad after it are uint8 copies of the visible part only.
+    new_h, new_w, flip = place["new_h"], place["new_w"], place["flip"]
     resized = resize_bilinear(image, new_h, new_w)
-    top, left = tf.maximum(-offset_y, 0), tf.maximum(-offset_x, 0)
-    paste_y, paste_x = tf.maximum(offset_y, 0), tf.maximum(offset_x, 0)
+    top, left = tf.maximum(-place["offset_y"], 0), tf.maximum(-place["offset_x"], 0)
+    paste_y, paste_x = tf.maximum(place["offset_y"], 0), tf.maximum(place["offset_x"], 0)
     visible_h = tf.minimum(new_h - top, size - paste_y)
     visible_w = tf.minimum(new_w - left, size - paste_x)
     # Columns [left, left + w) of the mirrored image are the mirror of
@@ -249,33 +210,8 @@ def random_resize(example, image_size, seed, config):
     # Bilinear weights are convex: values stay in [0, 255]; +0.5 rounds.
     visible = tf.cast(visible + 0.5, tf.uint8)
     if config.flip_prob > 0.0:
-        visible = tf.cond(
-            flip, lambda: tf.reverse(visible, [1]), lambda: visible
-        )
-    canvas = pad_to_canvas(visible, paste_y, paste_x, size)
-
-    # Boxes: the per-axis scale the integer resize really applied.
-    scale_y = tf.cast(new_h, tf.float32) / height
-    scale_x = tf.cast(new_w, tf.float32) / width
-    ymin, xmin, ymax, xmax = tf.unstack(tf.reshape(example["boxes"], [-1, 4]), axis=-1)
-    xmin, xmax = tf.cond(
-        flip, lambda: (width - xmax, width - xmin), lambda: (xmin, xmax)
-    )
-    dy = tf.cast(offset_y, tf.float32)
-    dx = tf.cast(offset_x, tf.float32)
-    moved = tf.stack(
-        [ymin * scale_y + dy, xmin * scale_x + dx,
-         ymax * scale_y + dy, xmax * scale_x + dx],
-        axis=-1,
-    )
-    clipped = box_ops.clip(moved, size, size)
-    keep = _keep_boxes(clipped, box_ops.area(moved), config)
-    return {
-        "image": tf.ensure_shape(canvas, [size, size, 3]),
-        "boxes": tf.boolean_mask(clipped, keep),
-        "classes": tf.boolean_mask(example["classes"], keep),
-        "is_crowd": tf.boolean_mask(example["is_crowd"], keep),
-    }
+        visible = tf.cond(flip, lambda: tf.reverse(visible, [1]), lambda: visible)
+    return pad_to_canvas(visible, paste_y, paste_x, size)
 
 
 class GroupAugment:

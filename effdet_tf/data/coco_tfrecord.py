@@ -148,17 +148,7 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
         map differing from one already in output_dir, or (strict) any skip.
     """
     src = Path(coco_root_or_json)
-    if src.is_dir():
-        found = layouts.split_of(src, split)
-        ann_file = found.annotations
-        image_dir = Path(image_dir) if image_dir else found.image_dir
-        name = name or src.name
-    else:
-        ann_file = src
-        if image_dir is None:
-            raise ConversionError(f"{ann_file}: image_dir is required with a json file")
-        image_dir = Path(image_dir)
-        name = name or ann_file.stem
+    ann_file, image_dir, name = _source_files(src, image_dir, name, split)
     if output_dir is None:
         raise ConversionError("output_dir is required")
     out = Path(output_dir)
@@ -169,73 +159,130 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
         categories = [c for c in coco["categories"] if c not in left_out]
     label_map = coco_checks.make_label_map(categories, name, ann_file)
     out.mkdir(parents=True, exist_ok=True)
-    label_map_path = out / "label_map.json"
-    if label_map_path.exists():
-        old = json.loads(label_map_path.read_text())
-        if old.get("classes") != label_map["classes"]:
-            raise ConversionError(
-                f"{label_map_path} holds a different label map than {ann_file}'s categories:"
-                " convert both splits with --coco_root, or use an empty output_dir")
-    by_id = {c["id"]: c for c in label_map["classes"]}
+    _check_label_map_matches(out / "label_map.json", label_map, ann_file)
 
-    images = coco["images"]
-    anns_of = {im["id"]: [] for im in images}
     report = _Report()
     listed = {c["id"] for c in coco["categories"]}
     left_out = [c for c in left_out if c["id"] in listed]
     for c in left_out:
         report.add("placeholder_category", str(ann_file),
                    detail=f"category {c['id']} {c['name']!r} left out of the label map")
+    anns_of = _annotations_by_image(coco, ann_file, report)
+    images = coco["images"]
+    if num_shards is None:
+        num_shards = _default_shard_count(images, image_dir, min_shards)
+    shard_names = [f"{split}-{k:05d}-of-{num_shards:05d}.tfrecord" for k in range(num_shards)]
+    kept = _write_shards(images, anns_of, image_dir, label_map, [out / (n + ".tmp") for n in shard_names],
+                         report, keep_unusable, num_workers or os.cpu_count() or 1, split, progress)
+
+    summary = _summary(name, split, ann_file, image_dir, coco, label_map, left_out, kept, report,
+                       shard_names, strict=strict, keep_unusable=keep_unusable)
+    report_path = out / f"report_{split}.json"
+    report_path.write_text(json.dumps(summary, indent=1) + "\n")
+    error = _conversion_error(ann_file, len(images), kept["written"], report, strict)
+    if error:
+        for n in shard_names:
+            (out / (n + ".tmp")).unlink(missing_ok=True)
+        if verbose:
+            print_report(summary, report_path)
+        raise ConversionError(f"{error}; report: {report_path}")
+    _publish(out, split, shard_names, coco, kept, categories, label_map)
+    if verbose:
+        print_report(summary, report_path)
+    return summary
+
+
+def _source_files(src, image_dir, name, split):
+    """(annotations json, image folder, dataset name) of a root or a json."""
+    if src.is_dir():
+        found = layouts.split_of(src, split)
+        return found.annotations, Path(image_dir) if image_dir else found.image_dir, name or src.name
+    if image_dir is None:
+        raise ConversionError(f"{src}: image_dir is required with a json file")
+    return src, Path(image_dir), name or src.stem
+
+
+def _check_label_map_matches(label_map_path, label_map, ann_file):
+    """The other split converted into the same folder must share the label map."""
+    if label_map_path.exists():
+        old = json.loads(label_map_path.read_text())
+        if old.get("classes") != label_map["classes"]:
+            raise ConversionError(
+                f"{label_map_path} holds a different label map than {ann_file}'s categories:"
+                " convert both splits with --coco_root, or use an empty output_dir")
+
+
+def _annotations_by_image(coco, ann_file, report):
+    """{image id: [annotations]}; an annotation of an unlisted image is reported."""
+    anns_of = {im["id"]: [] for im in coco["images"]}
     for ann in coco["annotations"]:
         if ann["image_id"] in anns_of:
             anns_of[ann["image_id"]].append(ann)
         else:
             report.add("unknown_image_id", str(ann_file), ann["image_id"], ann["id"])
-    if num_shards is None:
-        size = sum(coco_checks.file_size(image_dir / im["file_name"]) for im in images)
-        num_shards = max(1, min(1024, -(-size // _SHARD_BYTES)), min(min_shards, len(images)))
-    num_workers = num_workers or os.cpu_count() or 1
-    jobs = [(str(image_dir / im["file_name"]), im.get("height"), im.get("width"))
-            for im in images]
+    return anns_of
 
-    shard_names = [f"{split}-{k:05d}-of-{num_shards:05d}.tfrecord" for k in range(num_shards)]
-    writers = [tf.io.TFRecordWriter(str(out / (s + ".tmp"))) for s in shard_names]
-    kept_images, kept_anns, per_class = [], [], [0] * len(label_map["classes"])
-    written = 0
+
+def _default_shard_count(images, image_dir, min_shards):
+    """One shard per ~128 MB of source images, at least `min_shards`
+    (capped at the image count)."""
+    size = sum(coco_checks.file_size(image_dir / im["file_name"]) for im in images)
+    return max(1, min(1024, -(-size // _SHARD_BYTES)), min(min_shards, len(images)))
+
+
+def _skip_annotations(report, count):
+    """A skipped image's annotations go with it (counted, not listed one by one)."""
+    report.counts["annotations_of_skipped_images"] = report.counts.get("annotations_of_skipped_images", 0) + count
+
+
+def _jpeg_decodes_in_tf(loaded, file, image_id, report):
+    """Whether TF decodes a JPEG that OpenCV only read with a warning."""
+    try:
+        tf.io.decode_jpeg(loaded["encoded"])
+    except tf.errors.InvalidArgumentError as e:
+        report.add("unreadable_image", file, image_id, detail=f"TF: {e.message.splitlines()[-1][:100]}")
+        return False
+    report.add("jpeg_verified", file, image_id)
+    return True
+
+
+def _usable_boxes(im, anns, loaded, file, by_id, report):
+    """(boxes for the TFRecord, annotations for the evaluator json) of the
+    image's valid annotations; each dropped or crowd one is reported."""
+    boxes, out_anns = [], []
+    for ann in anns:
+        reason, detail, box = coco_checks.check_annotation(ann, loaded, by_id)
+        if reason:
+            report.add(reason, file, im["id"], ann["id"], detail)
+        if box is None:
+            continue
+        if box["iscrowd"]:
+            report.add("crowd", file, im["id"], ann["id"])
+        boxes.append(box)
+        out_anns.append(coco_checks.evaluator_annotation(ann, box, loaded))
+    return boxes, out_anns
+
+
+def _write_shards(images, anns_of, image_dir, label_map, paths, report, keep_unusable, num_workers, split,
+                  progress):
+    """Decodes and checks every image (in a process pool) and writes the
+    usable ones round-robin into the shards at `paths`, in json order.
+    Returns what was kept: {"written", "images", "annotations", "per_class"}."""
+    by_id = {c["id"]: c for c in label_map["classes"]}
+    jobs = [(str(image_dir / im["file_name"]), im.get("height"), im.get("width")) for im in images]
+    kept = {"written": 0, "images": [], "annotations": [], "per_class": [0] * len(label_map["classes"])}
+    writers = [tf.io.TFRecordWriter(str(p)) for p in paths]
     try:
         results = _map_ordered(coco_checks.load_image, jobs, num_workers, split, progress)
-        for i, loaded in enumerate(results):  # drains the generator: the bar closes
-            im = images[i]
-            file = jobs[i][0]
+        # results first: zip then runs the generator to its end, and the bar closes.
+        for loaded, im, (file, _, _) in zip(results, images, jobs):
             for reason, detail in loaded["notes"]:
                 report.add(reason, file, im["id"], detail=detail)
             anns = anns_of[im["id"]]
-            if loaded["skip"]:
-                # Their annotations go with the image (counted, not listed one by one).
-                report.counts["annotations_of_skipped_images"] = (
-                    report.counts.get("annotations_of_skipped_images", 0) + len(anns))
+            if loaded["skip"] or (loaded["verify"] and not _jpeg_decodes_in_tf(loaded, file, im["id"], report)):
+                _skip_annotations(report, len(anns))
                 continue
-            if loaded["verify"]:
-                try:
-                    tf.io.decode_jpeg(loaded["encoded"])
-                    report.add("jpeg_verified", file, im["id"])
-                except tf.errors.InvalidArgumentError as e:
-                    report.add("unreadable_image", file, im["id"],
-                               detail=f"TF: {e.message.splitlines()[-1][:100]}")
-                    report.counts["annotations_of_skipped_images"] = (
-                        report.counts.get("annotations_of_skipped_images", 0) + len(anns))
-                    continue
-            boxes, out_anns = [], []
-            for ann in anns:
-                reason, detail, box = coco_checks.check_annotation(ann, loaded, by_id)
-                if reason:
-                    report.add(reason, file, im["id"], ann["id"], detail)
-                if box is None:
-                    continue
-                if box["iscrowd"]:
-                    report.add("crowd", file, im["id"], ann["id"])
-                boxes.append(box)
-                out_anns.append(coco_checks.evaluator_annotation(ann, box, loaded))
+            boxes, out_anns = _usable_boxes(im, anns, loaded, file, by_id, report)
             if anns and not boxes:
                 if not keep_unusable:
                     report.add("all_annotations_invalid", file, im["id"],
@@ -245,20 +292,24 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
             elif not anns:
                 report.add("negative_image", file, im["id"])
             for b in boxes:
-                per_class[b["label"]] += 1
-            writers[written % num_shards].write(
-                _example(im["id"], im["file_name"], loaded, boxes))
-            written += 1
-            kept_images.append({**im, "height": loaded["height"], "width": loaded["width"]})
-            kept_anns.extend(out_anns)
+                kept["per_class"][b["label"]] += 1
+            writers[kept["written"] % len(writers)].write(_example(im["id"], im["file_name"], loaded, boxes))
+            kept["written"] += 1
+            kept["images"].append({**im, "height": loaded["height"], "width": loaded["width"]})
+            kept["annotations"].extend(out_anns)
     finally:
         for w in writers:
             w.close()
+    return kept
 
-    summary = {
+
+def _summary(name, split, ann_file, image_dir, coco, label_map, left_out, kept, report, shard_names, **options):
+    """The report_<split>.json document: what was read, written and why not."""
+    images, written, kept_anns = coco["images"], kept["written"], kept["annotations"]
+    return {
         "dataset": name, "split": split, "converter_version": CONVERTER_VERSION,
         "annotations_file": str(ann_file), "image_dir": str(image_dir),
-        "options": {"strict": strict, "keep_unusable": keep_unusable},
+        "options": options,
         "images": {"in_json": len(images), "written": written,
                    "negatives": report.counts.get("negative_image", 0),
                    "skipped": len(images) - written},
@@ -268,44 +319,41 @@ def convert_coco(coco_root_or_json, image_dir=None, output_dir=None, split="trai
         "categories": {"in_json": len(coco["categories"]),
                        "in_label_map": len(label_map["classes"]),
                        "left_out": [{"id": c["id"], "name": c["name"]} for c in left_out]},
-        "boxes_per_class": {c["name"]: n for c, n in zip(label_map["classes"], per_class)},
+        "boxes_per_class": {c["name"]: n for c, n in zip(label_map["classes"], kept["per_class"])},
         "counts": dict(sorted(report.counts.items())),
         "problems": report.listed,
         "problems_listed_per_reason": _MAX_LISTED,
-        "files": {"tfrecords": shard_names, "label_map": label_map_path.name,
+        "files": {"tfrecords": shard_names, "label_map": "label_map.json",
                   "annotations": f"{split}_annotations.json"},
     }
-    (out / f"report_{split}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    skips = {r: n for r, n in report.counts.items() if r in SKIP_REASONS and n}
-    error = None
-    if written == 0:
-        error = (f"{ann_file}: no usable image ({len(images)} in the json;"
-                 f" {_describe(report.counts)})")
-    elif strict and skips:
-        first = next(p for p in report.listed if p["reason"] in SKIP_REASONS)
-        error = (f"{ann_file}: --strict: {sum(skips.values())} skips ({_describe(skips)});"
-                 f" first: {_describe_problem(first)}")
-    if error:
-        for s in shard_names:
-            (out / (s + ".tmp")).unlink(missing_ok=True)
-        if verbose:
-            print_report(summary, out / f"report_{split}.json")
-        raise ConversionError(f"{error}; report: {out / f'report_{split}.json'}")
 
+
+def _conversion_error(ann_file, num_images, written, report, strict):
+    """Why the conversion fails (no usable image; --strict and a skip), or None."""
+    if written == 0:
+        return f"{ann_file}: no usable image ({num_images} in the json; {_describe(report.counts)})"
+    skips = {r: n for r, n in report.counts.items() if r in SKIP_REASONS and n}
+    if strict and skips:
+        first = next(p for p in report.listed if p["reason"] in SKIP_REASONS)
+        return (f"{ann_file}: --strict: {sum(skips.values())} skips ({_describe(skips)});"
+                f" first: {_describe_problem(first)}")
+    return None
+
+
+def _publish(out, split, shard_names, coco, kept, categories, label_map):
+    """Renames the finished shards into place (removing an earlier
+    conversion's with another shard count) and writes the evaluator's json
+    and label_map.json."""
     for stale in out.glob(f"{split}-*-of-*.tfrecord"):
         if stale.name not in shard_names:
-            stale.unlink()  # an earlier conversion with another shard count
-    for s in shard_names:
-        os.replace(out / (s + ".tmp"), out / s)
-    evaluator_json = {k: v for k, v in coco.items()
-                      if k not in ("images", "annotations", "categories")}
-    evaluator_json.update(images=kept_images, annotations=kept_anns,
+            stale.unlink()
+    for n in shard_names:
+        os.replace(out / (n + ".tmp"), out / n)
+    evaluator_json = {k: v for k, v in coco.items() if k not in ("images", "annotations", "categories")}
+    evaluator_json.update(images=kept["images"], annotations=kept["annotations"],
                           categories=sorted(categories, key=lambda c: c["id"]))
     (out / f"{split}_annotations.json").write_text(json.dumps(evaluator_json))
-    label_map_path.write_text(_label_map_text(label_map))
-    if verbose:
-        print_report(summary, out / f"report_{split}.json")
-    return summary
+    (out / "label_map.json").write_text(_label_map_text(label_map))
 
 
 def _label_map_text(label_map):

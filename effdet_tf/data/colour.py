@@ -4,7 +4,7 @@ The third augmentation stage of effdet_tf.data.augment (which re-exports
 `colour_jitter`): one 3x3 colour matrix per image instead of an RGB -> HSV
 -> RGB round trip, applied in the same XLA pass as the uint8 -> float32
 cast the model input needs anyway. Ranges follow YOLOv5's `hyp.scratch-low`
-(hsv_h 0.015, hsv_s 0.7, hsv_v 0.4), set in `augment.AugmentConfig`.
+(hsv_h 0.015, hsv_s 0.7, hsv_v 0.4), set in `config.AugmentConfig` (--hsv_gains).
 """
 
 import math

@@ -205,7 +205,7 @@ def train_dataset(
       label_encoder: callable (boxes [M, 4] yxyx px, classes int32 [M],
         is_crowd bool [M]) -> dict of per-anchor targets, e.g.
         `ops.label_encoder.LabelEncoder(model.anchors)`.
-      augment: `augment.AugmentConfig`; None = defaults,
+      augment: `config.AugmentConfig` (the --mosaic_prob ... flags); None = defaults,
         `AugmentConfig.none()` = letterbox only.
       group_size: images per Mosaic/MixUp group (>= 2).
       shuffle_buffer: records in the shuffle buffer.
@@ -228,10 +228,37 @@ def train_dataset(
     deterministic = seed is not None
     if seed is None:
         seed = random.randrange(2**31)
+    parallel = {"num_parallel_calls": AUTOTUNE, "deterministic": deterministic}
+    # Every stage below maps a dict to a dict; "seed" (int64 [2], stateless)
+    # is drawn once per image and rides along until the batch is made.
+    ds = _decoded_records(file_pattern, image_size, config, shuffle_buffer, cache, seed, shard, parallel)
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2))).map(
+        lambda example, s: {**example, "seed": s}, **parallel)
+    ds = ds.map(lambda ex: {**augment_lib.random_resize(ex, image_size, ex["seed"], config), "seed": ex["seed"]},
+                **parallel)
+    if config.uses_groups:
+        ds = _group_stage(ds, augment_lib.GroupAugment(image_size, config), group_size, seed, parallel)
+    encoder = _TargetEncoder(label_encoder, jit_label_encoder)
+    ds = ds.map(lambda ex: {"image": ex["image"], "targets": encoder(ex["boxes"], ex["classes"], ex["is_crowd"]),
+                            "seed": ex["seed"]}, **parallel)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    # Colour jitter + float32 cast of the whole batch in one pass, seeded
+    # by the batch's first element (folded: it also seeded that element).
+    # Keras's fit takes (inputs, targets).
+    ds = ds.map(lambda batch: (
+        augment_lib.colour_jitter(batch["image"], tf.random.experimental.stateless_fold_in(batch["seed"][0], 2),
+                                  config),
+        batch["targets"]), **parallel)
+    return ds.prefetch(AUTOTUNE)
+
+
+def _decoded_records(file_pattern, image_size, config, shuffle_buffer, cache, seed, shard, parallel):
+    """This pipeline's share of the records, shuffled, repeated and
+    decoded (cached after decoding when `cache`; "auto": when the share of
+    the shards is at most AUTO_CACHE_MAX_BYTES)."""
     # Zooming in by scale_max needs that many source pixels per output pixel.
     min_size = int(math.ceil(image_size * max(1.0, config.scale_max)))
     decode = lambda record: decoder.decode_example(record, min_size=min_size)
-
     ds = _records(file_pattern, shuffle=True, seed=seed, shard=shard)
     if cache == "auto":
         share = shard[0] if shard else 1
@@ -240,69 +267,26 @@ def train_dataset(
         ds = ds.map(decode, num_parallel_calls=AUTOTUNE).cache()
     ds = ds.repeat().shuffle(shuffle_buffer, seed=seed)
     if not cache:
-        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        ds = ds.map(decode, **parallel)
+    return ds
 
-    # One stateless seed per element, from a seeded random stream.
-    element_seeds = tf.data.Dataset.random(seed=seed).batch(2)
-    ds = tf.data.Dataset.zip((ds, element_seeds)).map(
-        lambda example, s: (
-            augment_lib.random_resize(example, image_size, s, config),
-            s,
-        ),
-        num_parallel_calls=AUTOTUNE,
-        deterministic=deterministic,
-    )
 
-    if config.uses_groups:
-        group_augment = augment_lib.GroupAugment(image_size, config)
-        ds = ds.padded_batch(
-            group_size,
-            padding_values=(
-                {"image": tf.constant(0, tf.uint8), "boxes": 0.0,
-                 "classes": -1, "is_crowd": False},
-                tf.constant(0, tf.int64),
-            ),
-            drop_remainder=True,
-        )
-        # The group's seed: its first element's, folded so it differs from
-        # what that element's random_resize drew.
-        ds = ds.map(
-            lambda group, s: (
-                group_augment(
-                    group, tf.random.experimental.stateless_fold_in(s[0], 1)
-                ),
-                s,
-            ),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=deterministic,
-        ).unbatch()
-        # Mosaic is drawn per group: mix groups before batching.
-        ds = ds.shuffle(4 * group_size, seed=seed)
+def _group_stage(ds, group_augment, group_size, seed, parallel):
+    """Mosaic and MixUp over groups of `group_size` consecutive images,
+    each group seeded by its first image's seed (folded, so it differs from
+    what that image's random_resize drew); groups are mixed again after."""
+    padding = {"image": tf.constant(0, tf.uint8), "boxes": 0.0, "classes": -1, "is_crowd": False,
+               "seed": tf.constant(0, tf.int64)}
+    ds = ds.padded_batch(group_size, padding_values=padding, drop_remainder=True)
 
-    encoder = _TargetEncoder(label_encoder, jit_label_encoder)
-    ds = ds.map(
-        lambda ex, s: (
-            ex["image"],
-            encoder(ex["boxes"], ex["classes"], ex["is_crowd"]),
-            s,
-        ),
-        num_parallel_calls=AUTOTUNE,
-        deterministic=deterministic,
-    )
-    ds = ds.batch(batch_size, drop_remainder=True)
-    # Colour jitter + float32 cast of the whole batch in one pass, seeded
-    # by the batch's first element (folded: it also seeded that element).
-    ds = ds.map(
-        lambda images, targets, s: (
-            augment_lib.colour_jitter(
-                images, tf.random.experimental.stateless_fold_in(s[0], 2), config
-            ),
-            targets,
-        ),
-        num_parallel_calls=AUTOTUNE,
-        deterministic=deterministic,
-    )
-    return ds.prefetch(AUTOTUNE)
+    def augment_group(group):
+        images = {k: v for k, v in group.items() if k != "seed"}
+        augmented = group_augment(images, tf.random.experimental.stateless_fold_in(group["seed"][0], 1))
+        return {**augmented, "seed": group["seed"]}
+
+    ds = ds.map(augment_group, **parallel).unbatch()
+    # Mosaic is drawn per group: mix groups before batching.
+    return ds.shuffle(4 * group_size, seed=seed)
 
 
 def eval_dataset(file_pattern, batch_size, image_size):

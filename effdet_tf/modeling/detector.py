@@ -43,6 +43,7 @@ class Detector(keras.Model):
             (EfficientDet's defaults).
         box_loss_weight: weight of the box loss; None picks EfficientDet's
             50 for Huber and 1 for the IoU losses.
+        label_smoothing: class label smoothing of the focal loss (0: off).
 
     Inputs are float RGB images in [0, 255] of shape [B, S, S, 3]; the
     model rescales to [0, 1] itself so every caller (pipeline, export,
@@ -74,6 +75,7 @@ class Detector(keras.Model):
         huber_delta=0.1,
         box_loss_weight=None,
         bn_momentum=None,
+        label_smoothing=0.0,
         **kwargs,
     ):
         if not heads:
@@ -102,6 +104,7 @@ class Detector(keras.Model):
         self.focal_gamma = focal_gamma
         self.huber_delta = huber_delta
         self.box_loss_weight = box_loss_weight
+        self.label_smoothing = float(label_smoothing)
 
         self.anchors = Anchors(
             self.image_size,
@@ -111,10 +114,8 @@ class Detector(keras.Model):
             aspect_ratios=self.aspect_ratios,
             anchor_scale=anchor_scale,
         )
-        num_anchors = self.anchors.num_anchors_per_location
-        num_levels = max_level - min_level + 1
-
-        # === Layers ===
+        # Created in this order (trunk, heads, losses, the functional graph)
+        # so that layer and weight names stay those of saved checkpoints.
         self.backbone = CSPDarknet53(
             width_multiplier=width_multiplier, depth_multiplier=depth_multiplier, name="backbone"
         )
@@ -125,36 +126,40 @@ class Detector(keras.Model):
             max_level=max_level,
             name="bifpn",
         )
-        # Keras tracks layers held in dicts; sorted-by-insertion order is the head order.
+        self._make_heads()
+        self._make_losses()
+        # Training recipe, not architecture: set by compile(), not saved.
+        self.l2_weight_decay = 0.0
+        self._l2_variables = lambda: []
+        self._build_graph()
+        if self.bn_momentum is not None:
+            self._set_bn_momentum(self.bn_momentum)
+        self.built = True
+
+    def _make_heads(self):
+        """A ClassNet and a BoxNet per dataset, in head order (Keras tracks
+        layers held in dicts; insertion order is the head order)."""
+        num_anchors = self.anchors.num_anchors_per_location
+        num_levels = self.max_level - self.min_level + 1
+        common = {"num_anchors": num_anchors, "width": self.fpn_channels, "depth": self.head_depth,
+                  "num_levels": num_levels}
         self.class_nets = {
-            name: ClassNet(
-                num_classes,
-                num_anchors=num_anchors,
-                width=fpn_channels,
-                depth=head_depth,
-                num_levels=num_levels,
-                name=f"{name}_class_net",
-            )
+            name: ClassNet(num_classes, name=f"{name}_class_net", **common)
             for name, num_classes in self.heads.items()
         }
-        self.box_nets = {
-            name: BoxNet(
-                num_anchors=num_anchors,
-                width=fpn_channels,
-                depth=head_depth,
-                num_levels=num_levels,
-                name=f"{name}_box_net",
-            )
-            for name in self.heads
-        }
+        self.box_nets = {name: BoxNet(name=f"{name}_box_net", **common) for name in self.heads}
+
+    def _make_losses(self):
+        """Each head's DetectionLoss and the loss trackers fit reports."""
         self.detection_losses = {
             name: DetectionLoss(
                 num_classes,
-                alpha=focal_alpha,
-                gamma=focal_gamma,
-                box_loss=box_loss,
-                huber_delta=huber_delta,
-                box_loss_weight=box_loss_weight,
+                alpha=self.focal_alpha,
+                gamma=self.focal_gamma,
+                box_loss=self.box_loss,
+                huber_delta=self.huber_delta,
+                box_loss_weight=self.box_loss_weight,
+                label_smoothing=self.label_smoothing,
                 anchors=self.anchors.boxes,
             )
             for name, num_classes in self.heads.items()
@@ -165,32 +170,29 @@ class Detector(keras.Model):
             for part in ("cls_loss", "box_loss", "loss")
         }
         self.l2_tracker = keras.metrics.Mean(name="l2_loss")
-        # Training recipe, not architecture: set by compile(), not saved.
-        self.l2_weight_decay = 0.0
-        self._l2_variables = lambda: []
 
-        # === Functional Model ===
-        # Backbone and neck form one functional graph; the heads are shared
-        # layers called on its pyramid, so they are built here, symbolically,
-        # without running any computation.
+    def _build_graph(self):
+        """Backbone and neck form one functional graph; the heads are shared
+        layers called on its pyramid, so they are built here, symbolically,
+        without running any computation."""
         images = keras.Input(shape=(None, None, 3), name="images")
         scaled = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(images)
         pyramid = self.neck(self.backbone(scaled))
-        levels = [pyramid[f"P{level}"] for level in range(min_level, max_level + 1)]
+        levels = [pyramid[f"P{level}"] for level in range(self.min_level, self.max_level + 1)]
         self.feature_extractor = keras.Model(images, levels, name="feature_extractor")
         for name in self.head_names:
             self.class_nets[name](levels)
             self.box_nets[name](levels)
-        if self.bn_momentum is not None:
-            # One momentum for every BatchNorm (read at call time, so before
-            # any train step is traced). The layers' own defaults are
-            # EfficientDet's and Darknet's 0.99: moving statistics that
-            # average ~100 steps, which lag behind the weights in a run of a
-            # few hundred steps (BENCHMARKS.md, "Real data").
-            for layer in compat.sublayers(self):
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = self.bn_momentum
-        self.built = True
+
+    def _set_bn_momentum(self, momentum):
+        """One momentum for every BatchNorm (read at call time, so before
+        any train step is traced). The layers' own defaults are
+        EfficientDet's and Darknet's 0.99: moving statistics that average
+        ~100 steps, which lag behind the weights in a run of a few hundred
+        steps (BENCHMARKS.md, "Real data")."""
+        for layer in compat.sublayers(self):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = momentum
 
     def features(self, images, training=False):
         """The shared trunk (backbone + BiFPN) on `images` [B, S, S, 3]: the
@@ -312,6 +314,7 @@ class Detector(keras.Model):
                 "huber_delta": self.huber_delta,
                 "box_loss_weight": self.box_loss_weight,
                 "bn_momentum": self.bn_momentum,
+                "label_smoothing": self.label_smoothing,
             }
         )
         return config

@@ -47,20 +47,26 @@ def normaliser(positives):
     return (total + 1.0) / context.num_replicas_in_sync
 
 
-def focal_loss(labels, logits, alpha=0.25, gamma=1.5):
+def focal_loss(labels, logits, alpha=0.25, gamma=1.5, label_smoothing=0.0):
     """Elementwise sigmoid focal loss (Lin et al. 2017), float32.
 
     Written with `tf.nn.sigmoid_cross_entropy_with_logits` rather than
     `keras.losses.binary_focal_crossentropy`: the Keras one takes sigmoid
     first and clips probabilities at 1e-7, which zeroes the gradient of
     confidently wrong logits (|x| > ~16) and averages over the class axis.
+
+    `label_smoothing` eps moves the cross-entropy's targets to 1 - eps/2
+    and eps/2; the focal weights keep the hard labels. That is automl's
+    FocalLoss (efficientdet/keras/train_lib.py) and the targets of YOLOv5's
+    smooth_BCE.
     """
     labels = tf.cast(labels, tf.float32)
     logits = tf.cast(logits, tf.float32)
     prob = tf.sigmoid(logits)
     p_t = labels * prob + (1.0 - labels) * (1.0 - prob)
     alpha_t = labels * alpha + (1.0 - labels) * (1.0 - alpha)
-    ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+    targets = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing if label_smoothing else labels
+    ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
     return alpha_t * tf.pow(1.0 - p_t, gamma) * ce
 
 
@@ -75,6 +81,7 @@ class DetectionLoss:
       huber_delta: Huber transition point.
       box_loss_weight: multiplier of the box loss in "loss"; None picks 50.0
         for "huber" and 1.0 for "giou"/"ciou".
+      label_smoothing: class label smoothing of the focal loss (0: off).
       anchors: `Anchors` or [N, 4] yxyx tensor; required for giou/ciou.
 
     Call with targets {"cls_targets": int [B, N], "box_targets": [B, N, 4]}
@@ -92,6 +99,7 @@ class DetectionLoss:
         huber_delta=0.1,
         box_loss_weight=None,
         anchors=None,
+        label_smoothing=0.0,
     ):
         if box_loss not in _BOX_LOSSES:
             raise ValueError(
@@ -106,6 +114,7 @@ class DetectionLoss:
         self.huber_delta = float(huber_delta)
         self.box_loss_weight = box_loss_weight
         self.anchors = anchors
+        self.label_smoothing = float(label_smoothing)
 
     @property
     def resolved_box_loss_weight(self):
@@ -131,7 +140,7 @@ class DetectionLoss:
         # one_hot of -1 (background) / -2 (ignore) is all zeros.
         labels = tf.one_hot(cls_targets, self.num_classes, dtype=tf.float32)
         not_ignored = tf.cast(cls_targets != -2, tf.float32)[..., None]
-        per_class = focal_loss(labels, logits, self.alpha, self.gamma)
+        per_class = focal_loss(labels, logits, self.alpha, self.gamma, self.label_smoothing)
         cls_loss = tf.reduce_sum(per_class * not_ignored) / num_positives
 
         if self.box_loss == "huber":
@@ -173,6 +182,7 @@ class DetectionLoss:
             "huber_delta": self.huber_delta,
             "box_loss_weight": self.box_loss_weight,
             "anchors": anchors,
+            "label_smoothing": self.label_smoothing,
         }
 
     @classmethod

@@ -22,8 +22,10 @@ returns the detections evaluation scored (tests/export_test.py).
 """
 
 import dataclasses
+import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -366,6 +368,28 @@ def _check_head_names(names):
             )
 
 
+class _RenamedInputsFilter(logging.Filter):
+    """Drops TensorFlow's notice, one per endpoint, that it renames the
+    captured variables of a function ("Function `serve` contains input
+    name(s) 424210, 424212, ... which will be renamed to unknown, unknown_0,
+    ..."): ~15 KB on one line, about internal names, not the signatures'
+    inputs. Five of them made the demo's log unreadable."""
+
+    def filter(self, record):
+        return "contains input name(s)" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_renamed_inputs():
+    """TensorFlow's logger without the renamed-inputs notice, for a block."""
+    logger, notice = tf.get_logger(), _RenamedInputsFilter()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def export_detector(
     detector,
     label_maps,
@@ -397,11 +421,11 @@ def export_detector(
     export_config = export_config or ExportConfig()
     version = int(version) or next_version(export_dir)
     if version < 0:
-        raise ExportError(f"--version must be a positive integer, got {version}.")
+        raise ExportError(f"--export_version must be a positive integer, got {version}.")
     final = os.path.join(export_dir, str(version))
     if os.path.exists(final):
         raise ExportError(
-            f"{final} already exists; nothing was written. Pass another --version "
+            f"{final} already exists; nothing was written. Pass another --export_version "
             f"or leave it out to use the next free one ({next_version(export_dir)})."
         )
     os.makedirs(export_dir, exist_ok=True)
@@ -425,7 +449,8 @@ def export_detector(
         # functions (which SavedModel otherwise re-traces, quadratically in
         # graph size) makes writing several times faster.
         options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-        archive.write_out(saved, options=options, verbose=False)
+        with quiet_renamed_inputs():
+            archive.write_out(saved, options=options, verbose=False)
         tf_serving.write_warmup(saved, signature_inputs(label_maps), sorted({1, export_config.serving_max_batch_size}))
         if os.path.exists(final):
             raise ExportError(f"{final} appeared while exporting; nothing was overwritten.")
@@ -493,7 +518,7 @@ def select_heads(label_maps, datasets):
 
 def export_from_model_dir(
     model_dir,
-    export_dir,
+    export_dir=None,
     version=0,
     which="best",
     datasets=None,
@@ -504,23 +529,24 @@ def export_from_model_dir(
     the post-processing of its config.json (what its evaluation used),
     `overrides` replacing single fields (export.py's flags given).
     `export_overrides`: ExportConfig fields replacing config.json's (e.g.
-    class_equivalence, keep_versions, the serving_* batching settings)."""
+    export_dir, class_equivalence, keep_versions, the serving_* batching
+    settings). The export root: `export_dir`, else the export settings'
+    export_dir, else MODEL_DIR/export (where train.py exports)."""
     from effdet_tf import checkpoint  # workflow-level import
 
     config, weights = check_model_dir(model_dir, which)
-    if not export_dir:
-        raise ExportError("--export_dir is required.")
+    known = {f.name for f in dataclasses.fields(ExportConfig)}
+    unknown = sorted(set(export_overrides or {}) - known)
+    if unknown:
+        raise ExportError(f"Unknown export setting(s) {unknown}; known: {sorted(known)}.")
+    export_config = dataclasses.replace(config.export, **(export_overrides or {}))
+    export_dir = export_dir or export_config.export_dir or os.path.join(model_dir, "export")
     version = int(version or 0)
     if version and os.path.exists(os.path.join(export_dir, str(version))):
         raise ExportError(f"{os.path.join(export_dir, str(version))} already exists; nothing was written.")
     label_maps = select_heads(config.label_maps(), datasets)
     _check_head_names(label_maps)
     post = postprocess_settings(config.postprocess, **overrides)
-    known = {f.name for f in dataclasses.fields(ExportConfig)}
-    unknown = sorted(set(export_overrides or {}) - known)
-    if unknown:
-        raise ExportError(f"Unknown export setting(s) {unknown}; known: {sorted(known)}.")
-    export_config = dataclasses.replace(config.export, **(export_overrides or {}))
     path = export_config.class_equivalence
     try:
         equivalence = label_audit.read_class_equivalence(path, label_maps) if path else None

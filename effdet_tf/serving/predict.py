@@ -98,65 +98,19 @@ def predict(saved_model, dataset, images, output_dir, min_score=0.0, log=print):
 
     loaded = tf.saved_model.load(saved_model)
     signature = loaded.signatures[f"{dataset}_bytes"]
-    names = {h["index"]: {c["id"]: c["name"] for c in h["classes"]} for h in label_map["heads"]}
-    head_names = {h["index"]: h["name"] for h in label_map["heads"]}
-
     os.makedirs(output_dir, exist_ok=True)
     results, skipped, used, written = [], [], set(), 0
     for position, path in enumerate(files):
-        with open(path, "rb") as f:
-            data = f.read()
-        if _image_format(data) is None:
-            skipped.append((path, "not a JPEG or PNG image"))
-            log(f"skipped {path}: not a JPEG or PNG image")
+        image, out = _run_signature(signature, path)
+        if image is None:
+            skipped.append((path, out))
+            log(f"skipped {path}: {out}")
             continue
-        try:
-            # The pixels the signature decodes (data/preprocess.py), for drawing.
-            image = preprocess.decode(tf.constant(data)).numpy()
-            out = signature(image_bytes=tf.constant([data]))
-        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-            reason = f"cannot be decoded ({e.message.splitlines()[0] if e.message else type(e).__name__})"
-            skipped.append((path, reason))
-            log(f"skipped {path}: {reason}")
-            continue
-        num = int(out["num_detections"][0])
-        height, width = image.shape[:2]
-        boxes = box_ops.denormalize(out["detection_boxes"][0, :num], height, width).numpy()
-        scores = out["detection_scores"][0, :num].numpy()
-        classes = out["detection_classes"][0, :num].numpy()
-        if dataset == "all":
-            head_ids = out["detection_heads"][0, :num].numpy()
-        else:
-            head_ids = np.full([num], heads[dataset]["index"])
-        keep = scores >= min_score
-        boxes, scores, classes, head_ids = boxes[keep], scores[keep], classes[keep], head_ids[keep]
-
-        if dataset == "all":
-            # One colour per (head, class); labels read "dataset/name".
-            keys = classes.astype(np.int64) + 100000 * head_ids.astype(np.int64)
-            key_names = {
-                int(k): f"{head_names[int(h)]}/{names[int(h)].get(int(c), c)}"
-                for k, h, c in zip(keys, head_ids, classes)
-            }
-            drawn = draw_detections(image, boxes, keys, scores, key_names)
-        else:
-            drawn = draw_detections(image, boxes, classes, scores, names[heads[dataset]["index"]])
-        out_path = os.path.join(output_dir, _output_name(path, used))
-        cv2.imwrite(out_path, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        detections = _detections(out, image.shape[:2], dataset, heads, min_score)
+        drawn = _draw(image, detections, dataset, label_map)
+        cv2.imwrite(os.path.join(output_dir, _output_name(path, used)), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
         written += 1
-
-        image_id = _image_id(path, position)
-        xywh = box_ops.yxyx_to_xywh(boxes).numpy() if len(boxes) else np.zeros([0, 4], np.float32)
-        for i in range(len(boxes)):
-            entry = {
-                "image_id": image_id,
-                "category_id": int(classes[i]),
-                "bbox": [round(float(v), 2) for v in xywh[i]],
-                "score": round(float(scores[i]), 5),
-            }
-            if dataset == "all":
-                entry["dataset"] = head_names[int(head_ids[i])]
-            results.append(entry)
+        results.extend(_coco_results(detections, _image_id(path, position), dataset, label_map))
 
     results_path = os.path.join(output_dir, RESULTS_FILE)
     with open(results_path, "w") as f:
@@ -164,6 +118,78 @@ def predict(saved_model, dataset, images, output_dir, min_score=0.0, log=print):
     log(f"{written} image(s) written to {output_dir}, {len(results)} detection(s) in {results_path}, "
         f"{len(skipped)} file(s) skipped")
     return {"images": written, "detections": len(results), "skipped": skipped, "results": results_path}
+
+
+def _run_signature(signature, path):
+    """(decoded image, the signature's outputs) of one file, or (None, why
+    it is skipped)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if _image_format(data) is None:
+        return None, "not a JPEG or PNG image"
+    try:
+        # The pixels the signature decodes (data/preprocess.py), for drawing.
+        image = preprocess.decode(tf.constant(data)).numpy()
+        return image, signature(image_bytes=tf.constant([data]))
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+        return None, f"cannot be decoded ({e.message.splitlines()[0] if e.message else type(e).__name__})"
+
+
+def _detections(out, image_shape, dataset, heads, min_score):
+    """{"boxes" yxyx pixels, "scores", "classes" (COCO ids), "heads" (head
+    index)} of one image's outputs, those under `min_score` left out."""
+    num = int(out["num_detections"][0])
+    height, width = image_shape
+    boxes = box_ops.denormalize(out["detection_boxes"][0, :num], height, width).numpy()
+    scores = out["detection_scores"][0, :num].numpy()
+    classes = out["detection_classes"][0, :num].numpy()
+    if dataset == "all":
+        head_ids = out["detection_heads"][0, :num].numpy()
+    else:
+        head_ids = np.full([num], heads[dataset]["index"])
+    keep = scores >= min_score
+    return {"boxes": boxes[keep], "scores": scores[keep], "classes": classes[keep], "heads": head_ids[keep]}
+
+
+def _class_names(label_map):
+    """{head index: {COCO id: name}} and {head index: dataset name}."""
+    names = {h["index"]: {c["id"]: c["name"] for c in h["classes"]} for h in label_map["heads"]}
+    return names, {h["index"]: h["name"] for h in label_map["heads"]}
+
+
+def _draw(image, det, dataset, label_map):
+    """The image with its detections drawn; under "all" one colour per
+    (head, class) and labels reading "dataset/name"."""
+    names, head_names = _class_names(label_map)
+    if dataset != "all":
+        index = next(h["index"] for h in label_map["heads"] if h["name"] == dataset)
+        return draw_detections(image, det["boxes"], det["classes"], det["scores"], names[index])
+    keys = det["classes"].astype(np.int64) + 100000 * det["heads"].astype(np.int64)
+    key_names = {
+        int(k): f"{head_names[int(h)]}/{names[int(h)].get(int(c), c)}"
+        for k, h, c in zip(keys, det["heads"], det["classes"])
+    }
+    return draw_detections(image, det["boxes"], keys, det["scores"], key_names)
+
+
+def _coco_results(det, image_id, dataset, label_map):
+    """One image's detections as COCO results (xywh pixels, the dataset's
+    own ids; under "all" each names its dataset)."""
+    _, head_names = _class_names(label_map)
+    boxes = det["boxes"]
+    xywh = box_ops.yxyx_to_xywh(boxes).numpy() if len(boxes) else np.zeros([0, 4], np.float32)
+    results = []
+    for i in range(len(boxes)):
+        entry = {
+            "image_id": image_id,
+            "category_id": int(det["classes"][i]),
+            "bbox": [round(float(v), 2) for v in xywh[i]],
+            "score": round(float(det["scores"][i]), 5),
+        }
+        if dataset == "all":
+            entry["dataset"] = head_names[int(det["heads"][i])]
+        results.append(entry)
+    return results
 
 
 def main(argv=None):
