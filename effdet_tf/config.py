@@ -184,6 +184,8 @@ class AugmentConfig:
     hsv_gains: Tuple[float, ...] = _field(
         (0.015, 0.7, 0.4), "HSV jitter ranges h,s,v: hue shift of +-h turns, saturation and value gains in "
         "1 +- s and 1 +- v.")
+    blur_prob: float = _field(0.0, "Probability of a Gaussian blur of an image (YOLOv4's blur).")
+    blur_sigma: Tuple[float, ...] = _field((0.1, 2.0), "Range of the blur's standard deviation, pixels (lo,hi).")
     flip_prob: float = _field(0.5, "Probability of a horizontal flip.")
     scale_min: float = _field(0.5, "Smallest random scale, relative to the letterbox size.")
     scale_max: float = _field(1.5, "Largest random scale, relative to the letterbox size.")
@@ -200,8 +202,8 @@ class AugmentConfig:
     @classmethod
     def none(cls) -> "AugmentConfig":
         """No augmentation: the plain letterbox of evaluation."""
-        return cls(mosaic_prob=0.0, mixup_prob=0.0, hsv_prob=0.0, flip_prob=0.0, scale_min=1.0, scale_max=1.0,
-                   translate=0.0)
+        return cls(mosaic_prob=0.0, mixup_prob=0.0, hsv_prob=0.0, blur_prob=0.0, flip_prob=0.0, scale_min=1.0,
+                   scale_max=1.0, translate=0.0)
 
     @property
     def uses_groups(self) -> bool:
@@ -212,13 +214,17 @@ class AugmentConfig:
         if self.scale_min <= 0 or self.scale_min > self.scale_max:
             raise ConfigError(
                 f"--scale_min={self.scale_min} / --scale_max={self.scale_max}: need 0 < scale_min <= scale_max.")
-        for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "flip_prob", "translate", "min_box_area_ratio"):
+        for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "blur_prob", "flip_prob", "translate",
+                     "min_box_area_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{name}={value}: must be in [0, 1].")
         lo_hi = self.mosaic_offset
         if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
             raise ConfigError(f"--mosaic_offset={_csv(lo_hi)}: need two values 0 <= lo <= hi <= 1.")
+        lo_hi = self.blur_sigma
+        if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 10.0:
+            raise ConfigError(f"--blur_sigma={_csv(lo_hi)}: need two values 0 < lo <= hi <= 10.")
         if len(self.hsv_gains) != 3 or min(self.hsv_gains) < 0:
             raise ConfigError(f"--hsv_gains={_csv(self.hsv_gains)}: need three values h,s,v >= 0.")
         if self.mixup_alpha <= 0:

@@ -229,6 +229,32 @@ def test_colour_jitter_keeps_grey_and_casts_to_float32():
     np.testing.assert_array_equal(plain.numpy(), images.numpy().astype(np.float32))
 
 
+def test_gaussian_blur_matches_opencv_and_leaves_the_rest_untouched():
+    """blur_prob 1 at a fixed sigma is OpenCV's GaussianBlur (reflected
+    border) on every image; blur_prob 0 is the identity; in between, an
+    image is either exactly itself or blurred."""
+    import cv2
+
+    rng = np.random.RandomState(0)
+    images = rng.uniform(0, 255, size=(3, 40, 48, 3)).astype(np.float32)
+    for sigma in (0.7, 1.6):
+        config = dataclasses.replace(NONE, blur_prob=1.0, blur_sigma=(sigma, sigma))
+        out = augment.gaussian_blur(tf.constant(images), tf.constant([5, 6]), config).numpy()
+        radius = int(np.ceil(3 * sigma))
+        for i in range(3):
+            want = cv2.GaussianBlur(images[i], (2 * radius + 1, 2 * radius + 1), sigma,
+                                    borderType=cv2.BORDER_REFLECT_101)
+            np.testing.assert_allclose(out[i], want, atol=1e-3)
+    np.testing.assert_array_equal(augment.gaussian_blur(tf.constant(images), tf.constant([5, 6]), NONE), images)
+    config = dataclasses.replace(NONE, blur_prob=0.5)
+    out = augment.gaussian_blur(tf.constant(np.repeat(images, 8, 0)), tf.constant([1, 2]), config).numpy()
+    same = [np.array_equal(o, x) for o, x in zip(out, np.repeat(images, 8, 0))]
+    assert 0 < sum(same) < len(same)
+    for o, x, unchanged in zip(out, np.repeat(images, 8, 0), same):
+        # A blurred image is smoother (sigma may be as small as 0.1): neighbours differ less.
+        assert unchanged or np.abs(np.diff(o, axis=1)).mean() < np.abs(np.diff(x, axis=1)).mean()
+
+
 def _assert_same(a, b):
     for key in a:
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)

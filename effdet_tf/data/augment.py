@@ -15,7 +15,7 @@ seeded pipeline is reproducible:
    "Bag of Freebies" and YOLOv5).
 3. `colour_jitter` (per final batch; in colour.py): colour jitter in the HSV
    sense as one 3x3 colour matrix per image, fused by XLA with the uint8 ->
-   float32 cast.
+   float32 cast; then `gaussian_blur` (off by default), per image.
 
 Images stay uint8 from the resize to the batch: every copy in between
 (shuffle, grouping, Mosaic's tiling, batching) moves 4x fewer bytes than
@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from effdet_tf import compat
 from effdet_tf.config import AugmentConfig  # noqa: F401 - the settings these stages read, declared once there
-from effdet_tf.data.colour import colour_jitter  # noqa: F401 - one import point for the three stages
+from effdet_tf.data.colour import colour_jitter, gaussian_blur  # noqa: F401 - one import point for the stages
 from effdet_tf.data.preprocess import pad_to_canvas, resize_bilinear  # the letterbox's own resample and pad
 from effdet_tf.ops import boxes as box_ops
 

@@ -1,4 +1,5 @@
-"""HSV-style colour jitter of the final batch, fused with its float32 cast.
+"""HSV-style colour jitter of the final batch, fused with its float32 cast,
+and an optional Gaussian blur after it.
 
 The third augmentation stage of effdet_tf.data.augment (which re-exports
 `colour_jitter`): one 3x3 colour matrix per image instead of an RGB -> HSV
@@ -84,3 +85,47 @@ def colour_jitter(images, seed, config):
         return tf.cast(images, tf.float32)
     u = tf.random.stateless_uniform([tf.shape(images)[0], 4], seed)
     return _colour_to_float(images, _colour_matrices(u, config))
+
+
+def _blur_taps(sigma, apply, radius):
+    """[B, 2 radius + 1] normalised 1-D Gaussian kernels of std `sigma`, or
+    the unit impulse (an exact identity) where `apply` is False."""
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)[None, :]
+    taps = tf.exp(-0.5 * tf.square(x / sigma[:, None]))
+    taps = taps / tf.reduce_sum(taps, axis=1, keepdims=True)
+    impulse = tf.one_hot(tf.fill(tf.shape(sigma), radius), 2 * radius + 1)
+    return tf.where(apply[:, None], taps, impulse)
+
+
+def gaussian_blur(images, seed, config):
+    """Blurs each image of a float batch with probability `blur_prob`, with
+    a Gaussian of std drawn uniformly in `blur_sigma` pixels (YOLOv4's
+    blur freebie; the range is torchvision's GaussianBlur default).
+
+    Separable: one depthwise pass down the columns, one along the rows,
+    every image's own kernel in the channels of a single [1, S, S, 3B]
+    tensor. Edges are reflected (OpenCV's BORDER_REFLECT_101), so a blurred
+    image keeps its brightness up to the border. Boxes do not move.
+
+    Args:
+      images: float32 [B, S, S, 3].
+      seed: int [2] stateless seed.
+      config: AugmentConfig (blur_prob, blur_sigma).
+    """
+    if config.blur_prob <= 0.0:
+        return images
+    lo, hi = config.blur_sigma
+    radius = max(1, int(math.ceil(3.0 * hi)))
+    shape = tf.shape(images)
+    batch, height, width = shape[0], shape[1], shape[2]
+    u = tf.random.stateless_uniform([batch, 2], seed)
+    taps = _blur_taps(lo + (hi - lo) * u[:, 1], u[:, 0] < config.blur_prob, radius)
+    # Channel b * 3 + c of the stacked tensor is channel c of image b.
+    stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, batch * 3])
+    per_channel = tf.repeat(taps, 3, axis=0)  # [3B, taps]
+    column = tf.transpose(per_channel)[:, None, :, None]  # [taps, 1, 3B, 1]
+    row = tf.transpose(per_channel)[None, :, :, None]  # [1, taps, 3B, 1]
+    padded = tf.pad(stacked, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    blurred = tf.nn.depthwise_conv2d(padded, column, [1, 1, 1, 1], "VALID")
+    blurred = tf.nn.depthwise_conv2d(blurred, row, [1, 1, 1, 1], "VALID")
+    return tf.transpose(tf.reshape(blurred, [height, width, batch, 3]), [2, 0, 1, 3])

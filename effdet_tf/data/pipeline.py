@@ -245,9 +245,12 @@ def train_dataset(
     # Colour jitter + float32 cast of the whole batch in one pass, seeded
     # by the batch's first element (folded: it also seeded that element).
     # Keras's fit takes (inputs, targets).
+    # Then the blur (off by default), seeded by another fold of that seed.
+    fold = tf.random.experimental.stateless_fold_in
     ds = ds.map(lambda batch: (
-        augment_lib.colour_jitter(batch["image"], tf.random.experimental.stateless_fold_in(batch["seed"][0], 2),
-                                  config),
+        augment_lib.gaussian_blur(
+            augment_lib.colour_jitter(batch["image"], fold(batch["seed"][0], 2), config),
+            fold(batch["seed"][0], 3), config),
         batch["targets"]), **parallel)
     return ds.prefetch(AUTOTUNE)
 
