@@ -11,12 +11,16 @@ machine runs; the wall-clock minutes of each run are printed beside it
 (a freebie that costs time shows there).
 
     python benchmarks/freebies.py --dataset=raccoon=../shared/data/raccoon-roboflow \
-        --dataset=bccd=../shared/data/bccd-coco --steps=500 --seeds=0,1 --out=runs/freebies
+        --steps=500 --seeds=0,1 --out=runs/freebies
+    python benchmarks/freebies.py --dataset=bccd=../shared/data/bccd-coco \
+        --steps=500 --seeds=0,1 --out=runs/freebies --val_split=test
 
 A variant is NAME=FLAGS (FLAGS space separated; "off" is the recipe
 itself); `--seeds_of_others` sets how many seeds the other variants get
 (the recipe's spread over --seeds says how large a difference is noise).
-Any extra arguments go to every train.py run as they are.
+Any extra arguments go to every train.py run as they are (BCCD is scored
+on its test split, as in benchmarks/real_data.py: `--val_split=test`).
+Results: OUT/results_<datasets>.json.
 """
 
 import argparse
@@ -108,7 +112,8 @@ def main():
             for seed in seeds if variant == "off" else seeds[: args.seeds_of_others]:
                 rows.append(run_one(dataset, variant, flags, seed, args.steps, args.out, extra))
                 print(json.dumps(rows[-1]), flush=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    names = "_".join(d.split("=", 1)[0] for d in args.dataset)
+    with open(os.path.join(args.out, f"results_{names}.json"), "w") as f:
         json.dump({"steps": args.steps, "argv": sys.argv[1:], "runs": rows}, f, indent=1)
     print(table(rows), flush=True)
 
