@@ -21,8 +21,8 @@ override single fields). Exported at evaluation's threshold, a signature
 returns the detections evaluation scored (tests/export_test.py).
 """
 
-import dataclasses
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
