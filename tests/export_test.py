@@ -314,9 +314,10 @@ def _tf_log_messages():
 
 
 def test_renamed_inputs_notice_is_dropped_from_the_log():
-    """TensorFlow logs, per endpoint of a model exported in the process
-    that trained it (the demo), a ~15 KB line naming every captured input
-    it renames; quiet_renamed_inputs drops that notice and nothing else."""
+    """TensorFlow logs, per endpoint, a ~15 KB line naming every captured
+    input it renames (five of them in the demo's export after training;
+    this module's own exports do not trigger it);
+    quiet_renamed_inputs drops that notice and nothing else."""
     notice = ("Function `serve` contains input name(s) " + ", ".join(str(424210 + 2 * i) for i in range(2000))
               + " with unsupported characters which will be renamed to unknown, unknown_0 in the SavedModel.")
     with _tf_log_messages() as outside:
