@@ -58,7 +58,7 @@ def run_one(dataset, variant, flags, seed, steps, out, extra):
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     start = time.time()
     with open(log_path, "w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, check=False)
     if done.returncode:
         sys.exit(f"train.py failed ({name}, {variant}, seed {seed}); see {log_path}")
     with open(os.path.join(model_dir, "eval", "history.jsonl")) as f:

@@ -115,7 +115,7 @@ def gaussian_blur(images, seed, config):
     if config.blur_prob <= 0.0:
         return images
     lo, hi = config.blur_sigma
-    radius = max(1, int(math.ceil(3.0 * hi)))
+    radius = max(1, math.ceil(3.0 * hi))
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
     u = tf.random.stateless_uniform([batch, 2], seed)
