@@ -381,8 +381,12 @@ class _RenamedInputsFilter(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_renamed_inputs():
-    """TensorFlow's logger without the renamed-inputs notice, for a block."""
-    logger, notice = tf.get_logger(), _RenamedInputsFilter()
+    """absl's logger without the renamed-inputs notice, for a block
+    (tensorflow/python/saved_model/signature_serialization.py logs it
+    through absl.logging, as TF 2.21 does)."""
+    from absl import logging as absl_logging
+
+    logger, notice = absl_logging.get_absl_logger(), _RenamedInputsFilter()
     logger.addFilter(notice)
     try:
         yield
