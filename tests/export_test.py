@@ -326,8 +326,8 @@ def test_renamed_inputs_notice_is_dropped_from_the_log():
     from absl import logging as absl_logging
 
     names = ", ".join(str(424210 + 2 * i) for i in range(2000))
-    notice = ("Function `%s` contains input name(s) %s with unsupported characters which will be renamed to %s "
-              "in the SavedModel.", "serve", names, "unknown, unknown_0")
+    notice = (("Function `%s` contains input name(s) %s with unsupported characters which will be renamed to %s "
+               "in the SavedModel."), "serve", names, "unknown, unknown_0")
     with _absl_log_messages() as outside:
         absl_logging.info(*notice)
     with _absl_log_messages() as inside, export_lib.quiet_renamed_inputs():
