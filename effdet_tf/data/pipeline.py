@@ -71,11 +71,9 @@ def _records(file_pattern, shuffle, seed, shard=None):
     if not 0 <= index < count:
         raise ValueError(f"shard index {index} is not in [0, {count})")
     files = _file_list(file_pattern)
-    by_file = len(files) >= count
-    if by_file:
-        files = files[index::count]
-    read = tf.data.TFRecordDataset
-    if not by_file:
+    if len(files) >= count:
+        files, read = files[index::count], tf.data.TFRecordDataset
+    else:
         read = lambda f: tf.data.TFRecordDataset(f).shard(count, index)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
@@ -233,9 +231,7 @@ def train_dataset(
     # is drawn once per image and rides along until the batch is made.
     ds = _decoded_records(file_pattern, image_size, config, shuffle_buffer, cache, seed, shard, parallel)
     ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2))).map(
-        lambda example, s: {**example, "seed": s}, **parallel)
-    ds = ds.map(lambda ex: {**augment_lib.random_resize(ex, image_size, ex["seed"], config), "seed": ex["seed"]},
-                **parallel)
+        lambda example, s: {**augment_lib.random_resize(example, image_size, s, config), "seed": s}, **parallel)
     if config.uses_groups:
         ds = _group_stage(ds, augment_lib.GroupAugment(image_size, config), group_size, seed, parallel)
     encoder = _TargetEncoder(label_encoder, jit_label_encoder)
