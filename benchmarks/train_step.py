@@ -14,6 +14,18 @@ number alike (medians over --repeats):
              step and loss.
   detector   the full Detector(heads={"appliance": 5, "food": 10}): half the
              batch per dataset, real focal + Huber loss, SGD update.
+  recipe     the step model.fit runs for a flagfile (--flagfile, default
+             configs/cpu_real.flags): the model, batch, image size and
+             optimizer (Adam, EMA, clipping) that train.py builds from it,
+             on one dataset of --recipe_classes classes, called through
+             Keras's own train_function on a fixed batch (what fit calls
+             once per step, without the input pipeline and callbacks).
+             --recipe_compare=FLAGS adds a second row with FLAGS on top
+             (e.g. "--optimizer=sgd --ema_momentum=0": the optimizer's cost).
+
+With --profile DIR the recipe's step is also traced by tf.profiler
+(DIR holds the trace for TensorBoard's profile plugin) and its op time is
+summed by op type and by part of the step (forward, backward, optimizer).
 
 FLOPs are counted by TensorFlow's profiler on the frozen forward graph at
 batch 1 (2 FLOPs per multiply-add); a training step is counted as 3x the
@@ -24,6 +36,7 @@ usual convention. "% of peak" = achieved step GFLOP/s / conv_peak GFLOP/s.
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -36,6 +49,8 @@ import tensorflow as tf  # noqa: E402
 
 from effdet_tf.modeling.backbone import CSPDarknet53  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -46,11 +61,17 @@ def parse_args(argv=None):
     p.add_argument(
         "--parts",
         default="conv,backbone,peer,detector",
-        help="comma list of conv,backbone,peer,detector",
+        help="comma list of conv,backbone,peer,detector,recipe",
     )
     p.add_argument("--jit_compile", action="store_true", help="XLA-compile the steps")
     p.add_argument("--width_multiplier", type=float, default=1.0)
     p.add_argument("--depth_multiplier", type=float, default=1.0)
+    p.add_argument("--flagfile", default=os.path.join(REPO, "configs", "cpu_real.flags"),
+                   help="the recipe row's flagfile")
+    p.add_argument("--recipe_classes", type=int, default=3, help="classes of the recipe's one dataset")
+    p.add_argument("--recipe_compare", default="", help="flags of a second recipe row (space separated)")
+    p.add_argument("--profile", default=None, help="trace the recipe's step into this directory")
+    p.add_argument("--profile_steps", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -180,6 +201,114 @@ def detector_step(model, batch, image_size, jit_compile):
     return lambda: step(images, targets).numpy()
 
 
+
+def recipe_model(flagfile, classes, extra_flags=()):
+    """(config, model) as train.py builds them from `flagfile`, for one
+    dataset of `classes` classes (no data is read: the dataset's path is
+    an empty temporary directory)."""
+    import dataclasses
+    import tempfile
+
+    from effdet_tf import flags as flags_lib
+    from effdet_tf import train_lib
+    from effdet_tf.config import ClassEntry
+
+    tmp = tempfile.mkdtemp(prefix="train_step_")
+    config = flags_lib.config_from_argv(
+        ["train_step", f"--flagfile={flagfile}", f"--dataset=real={tmp}", f"--model_dir={tmp}", *extra_flags])
+    dataset = dataclasses.replace(
+        config.data.datasets[0], classes=tuple(ClassEntry(i, i + 1, f"class{i}") for i in range(classes)),
+        num_train_examples=160)
+    config = config.with_datasets([dataset])
+    keras.mixed_precision.set_global_policy(config.train.precision)
+    strategy = train_lib.make_strategy(config.train.strategy)
+    model = train_lib.build_model(config, strategy, steps_per_epoch=20)
+    keras.mixed_precision.set_global_policy("float32")
+    return config, strategy, model
+
+
+def recipe_step(config, strategy, model):
+    """One step of Keras's train_function (what model.fit calls per step)
+    on a fixed batch of the config's size, through the strategy's
+    distributed input as in train.py."""
+    rng = np.random.default_rng(0)
+    b, s = config.data.datasets[0].batch_size, config.model.image_size
+    n = int(model.anchors.boxes.shape[0])
+    cls = rng.integers(0, model.heads["real"], (b, n)).astype("int32")
+    cls[rng.random((b, n)) < 0.99] = -1  # ~1% positive anchors
+    images = {"real": tf.constant(rng.uniform(0, 255, (b, s, s, 3)).astype("float32"))}
+    targets = {"real": {"cls_targets": tf.constant(cls),
+                        "box_targets": tf.constant(rng.normal(0, 0.5, (b, n, 4)).astype("float32"))}}
+    batches = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, targets)).repeat()))
+    model.make_train_function()
+    train_function = model.train_function
+    return lambda: float(train_function(batches)["loss"])
+
+
+def detector_flops(det, image_size, heads_per_image):
+    """(forward FLOPs per image of trunk + every head, training-step FLOPs
+    per image when each image meets `heads_per_image` heads)."""
+    spec = tf.TensorSpec((1, image_size, image_size, 3), tf.float32)
+    trunk = forward_flops(lambda x: det.feature_extractor(x), spec)
+    heads = forward_flops(lambda x: det(x), spec) - trunk
+    return trunk + heads, 3 * (trunk + heads * heads_per_image / len(det.head_names))
+
+
+def _part_of_step(op_name):
+    low = op_name.lower()
+    if "adam" in low or "sgd" in low or "average" in low or "clip_by_global_norm" in low or "global_norm" in low:
+        return "optimizer"
+    if "gradient_tape" in low:
+        return "backward"
+    if re.search(r"(^|/)detector(_\d+)?/", low):
+        return "forward"
+    return "other (loss, EMA of BatchNorm statistics, L2)"
+
+
+def summarise_profile(log_dir, steps):
+    """Op time and op counts per step from the newest tf.profiler trace in
+    `log_dir`, by op type and by part of the step. Times are the ops'
+    durations on TF's inter-op threads (an op's intra-op work is inside
+    its duration); per-op scheduling overhead is in none of them."""
+    import collections
+    import glob
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    path = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    by_type, by_part, counts = collections.Counter(), collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if "::" in name or ":" not in name:  # executor and thread-pool regions
+                    continue
+                op, op_type = name.rsplit(":", 1)
+                ms = event.duration_ps / 1e9 / steps
+                by_type[op_type.replace("_MklNative", "").replace("_Mkl", "")] += ms
+                part = _part_of_step(op)
+                by_part[part] += ms
+                counts[part] += 1 / steps
+    return {"trace": path, "ms_per_step_by_op_type": dict(by_type.most_common()),
+            "ms_per_step_by_part": dict(by_part.most_common()), "ops_per_step_by_part": dict(counts.most_common())}
+
+
+def print_profile(summary, step_seconds):
+    total = sum(summary["ms_per_step_by_part"].values())
+    print(f"\nrecipe step profile ({summary['trace']}): {total:.0f} ms of op time per step "
+          f"(a {1000 * step_seconds:.0f} ms step on {os.cpu_count()} cores)")
+    print(f"{'part':<48}{'ms/step':>9}{'share':>7}{'ops/step':>10}")
+    for part, ms in summary["ms_per_step_by_part"].items():
+        print(f"{part:<48}{ms:>9.0f}{100 * ms / total:>6.1f}%{summary['ops_per_step_by_part'][part]:>10.0f}")
+    print(f"{'op type (top 15)':<48}{'ms/step':>9}{'share':>7}")
+    for op_type, ms in list(summary["ms_per_step_by_op_type"].items())[:15]:
+        print(f"{op_type:<48}{ms:>9.0f}{100 * ms / total:>6.1f}%")
+
 # --------------------------------------------------------------------------
 
 
@@ -223,17 +352,23 @@ def main(argv=None):
         info["detector_params"] = det.count_params()
         # Every head on every image is what one image costs at inference;
         # the training step runs each head on its own half only.
-        info["detector_fwd_flops"] = forward_flops(
-            lambda x: det.feature_extractor(x), spec01
-        )
-        head_flops = forward_flops(
-            lambda x: det(x), spec01
-        ) - info["detector_fwd_flops"]
-        info["detector_step_flops_per_image"] = 3 * (
-            info["detector_fwd_flops"] + head_flops / len(det.head_names)
-        )
-        info["detector_fwd_flops_all_heads"] = info["detector_fwd_flops"] + head_flops
+        info["detector_fwd_flops_all_heads"], info["detector_step_flops_per_image"] = detector_flops(det, s, 1)
         steps["detector"] = detector_step(det, b, s, args.jit_compile)
+    recipes = {}
+    if "recipe" in parts:
+        recipes["recipe"] = recipe_model(args.flagfile, args.recipe_classes)
+        if args.recipe_compare:
+            recipes["recipe_alt"] = recipe_model(args.flagfile, args.recipe_classes, args.recipe_compare.split())
+    for name, (config, strategy, model) in recipes.items():
+        m, t = config.model, config.train
+        label = {"recipe": "", "recipe_alt": " " + args.recipe_compare}
+        info[f"{name}_setup"] = (f"{os.path.basename(args.flagfile)}{label[name]}: "
+                                 f"{m.image_size} px, width {m.width_multiplier:g}, batch {config.data.images_per_step}, "
+                                 f"{t.optimizer}, EMA {t.ema_momentum:g}, clip {t.global_clipnorm:g}, {t.precision}")
+        info[f"{name}_batch"] = config.data.images_per_step
+        info[f"{name}_params"] = model.count_params()
+        info[f"{name}_fwd_flops"], info[f"{name}_step_flops_per_image"] = detector_flops(model, m.image_size, 1)
+        steps[name] = recipe_step(config, strategy, model)
 
     # Trace and warm up every step, then time them interleaved.
     for name, run in steps.items():
@@ -270,20 +405,17 @@ def main(argv=None):
         peak = info["conv_peak_flops"] / med["conv_peak"] / 1e9
         results["conv_peak_gflops"] = peak
     rows = []
-    for name in ("backbone", "peer", "detector"):
+    for name in ("backbone", "peer", "detector", "recipe", "recipe_alt"):
         if name not in med:
             continue
-        per_image = (
-            info["detector_step_flops_per_image"]
-            if name == "detector"
-            else 3 * info[f"{name}_fwd_flops"]
-        )
-        gflops = per_image * b / med[name] / 1e9
-        results[f"{name}_images_per_s"] = b / med[name]
+        per_image = info.get(f"{name}_step_flops_per_image", 3 * info.get(f"{name}_fwd_flops", 0))
+        batch = info.get(f"{name}_batch", b)
+        gflops = per_image * batch / med[name] / 1e9
+        results[f"{name}_images_per_s"] = batch / med[name]
         results[f"{name}_step_gflops"] = gflops
         if peak:
             results[f"{name}_pct_of_peak"] = 100 * gflops / peak
-        rows.append((name, med[name], b / med[name], gflops))
+        rows.append((name, med[name], batch / med[name], gflops))
     if "backbone" in med and "peer" in med:
         results["backbone_speed_vs_peer"] = med["peer"] / med["backbone"]
         results["backbone_cpu_vs_peer"] = med_cpu["peer"] / med_cpu["backbone"]
@@ -292,13 +424,15 @@ def main(argv=None):
     if peak:
         print(f"conv peak: {peak:.1f} GFLOP/s (median {med['conv_peak']:.3f}s "
               f"for {info['conv_peak_flops'] / 1e9:.1f} GFLOP)")
-    for key in ("backbone", "peer", "detector"):
+    for key in ("backbone", "peer", "recipe", "recipe_alt"):
         if f"{key}_fwd_flops" in info:
-            extra = ""
-            if key == "detector":
-                extra = (f" (+heads: {info['detector_fwd_flops_all_heads'] / 1e9:.2f} "
-                         f"all heads, train step {info['detector_step_flops_per_image'] / 1e9:.2f})")
-            print(f"{key} forward: {info[f'{key}_fwd_flops'] / 1e9:.2f} GFLOP/image{extra}")
+            print(f"{key} forward: {info[f'{key}_fwd_flops'] / 1e9:.2f} GFLOP/image")
+    if "detector_step_flops_per_image" in info:
+        print(f"detector forward: {info['detector_fwd_flops_all_heads'] / 1e9:.2f} GFLOP/image with every head, "
+              f"train step {info['detector_step_flops_per_image'] / 1e9:.2f} (each head on its own images)")
+    for key in ("recipe", "recipe_alt"):
+        if f"{key}_setup" in info:
+            print(f"{key}: {info[f'{key}_setup']}")
     print(f"{'step':<10}{'median s':>10}{'cpu s':>8}{'images/s':>10}{'GFLOP/s':>10}{'% peak':>8}")
     for name, sec, ips, gf in rows:
         pct = f"{100 * gf / peak:.0f}%" if peak else "-"
@@ -306,6 +440,13 @@ def main(argv=None):
     if "backbone_speed_vs_peer" in results:
         print(f"backbone speed / peer speed: {results['backbone_speed_vs_peer']:.2f}x wall, "
               f"{results['backbone_cpu_vs_peer']:.2f}x CPU time")
+    if args.profile and "recipe" in steps:
+        tf.profiler.experimental.start(args.profile)
+        for _ in range(args.profile_steps):
+            steps["recipe"]()
+        tf.profiler.experimental.stop()
+        results["recipe_profile"] = summarise_profile(args.profile, args.profile_steps)
+        print_profile(results["recipe_profile"], med["recipe"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=float)
