@@ -201,12 +201,12 @@ def detector_step(model, batch, image_size, jit_compile):
     return lambda: step(images, targets).numpy()
 
 
-
 def recipe_model(flagfile, classes, extra_flags=()):
     """(config, model) as train.py builds them from `flagfile`, for one
     dataset of `classes` classes (no data is read: the dataset's path is
     an empty temporary directory)."""
     import dataclasses
+    import shutil
     import tempfile
 
     from effdet_tf import flags as flags_lib
@@ -214,8 +214,11 @@ def recipe_model(flagfile, classes, extra_flags=()):
     from effdet_tf.config import ClassEntry
 
     tmp = tempfile.mkdtemp(prefix="train_step_")
-    config = flags_lib.config_from_argv(
-        ["train_step", f"--flagfile={flagfile}", f"--dataset=real={tmp}", f"--model_dir={tmp}", *extra_flags])
+    try:
+        config = flags_lib.config_from_argv(
+            ["train_step", f"--flagfile={flagfile}", f"--dataset=real={tmp}", f"--model_dir={tmp}", *extra_flags])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the paths are only checked for existence
     dataset = dataclasses.replace(
         config.data.datasets[0], classes=tuple(ClassEntry(i, i + 1, f"class{i}") for i in range(classes)),
         num_train_examples=160)
@@ -257,12 +260,12 @@ def detector_flops(det, image_size, heads_per_image):
 def _part_of_step(op_name):
     low = op_name.lower()
     if "adam" in low or "sgd" in low or "average" in low or "clip_by_global_norm" in low or "global_norm" in low:
-        return "optimizer"
+        return "optimizer's scope (Adam, clipping)"
     if "gradient_tape" in low:
         return "backward"
     if re.search(r"(^|/)detector(_\d+)?/", low):
         return "forward"
-    return "other (loss, EMA of BatchNorm statistics, L2)"
+    return "other (outside those scopes: loss, EMA update, L2)"
 
 
 def summarise_profile(log_dir, steps):
@@ -308,6 +311,7 @@ def print_profile(summary, step_seconds):
     print(f"{'op type (top 15)':<48}{'ms/step':>9}{'share':>7}")
     for op_type, ms in list(summary["ms_per_step_by_op_type"].items())[:15]:
         print(f"{op_type:<48}{ms:>9.0f}{100 * ms / total:>6.1f}%")
+
 
 # --------------------------------------------------------------------------
 
