@@ -169,23 +169,29 @@ def build_peer(image_size):
     return keras.Model(peer.inputs, feats, name="peer"), peer.count_params()
 
 
-def detector_step(model, batch, image_size, jit_compile):
-    """A real multi-dataset step: half the batch per head, focal+Huber loss."""
+def synthetic_batch(model, sizes, image_size, positive):
+    """({name: images}, {name: targets}) with `sizes[name]` random images
+    per head and a `positive` fraction of anchors assigned a class (the
+    rest background, like real data)."""
     rng = np.random.default_rng(0)
     n = int(model.anchors.boxes.shape[0])
-    names = model.head_names
-    sizes = [batch // len(names) + (i < batch % len(names)) for i in range(len(names))]
     images, targets = {}, {}
-    for name, b in zip(names, sizes):
-        images[name] = tf.constant(
-            rng.uniform(0, 255, (b, image_size, image_size, 3)).astype("float32")
-        )
-        cls = rng.integers(-1, model.heads[name], (b, n)).astype("int32")
-        cls[rng.random((b, n)) < 0.95] = -1  # mostly background, like real data
+    for name, b in sizes.items():
+        images[name] = tf.constant(rng.uniform(0, 255, (b, image_size, image_size, 3)).astype("float32"))
+        cls = rng.integers(0, model.heads[name], (b, n)).astype("int32")
+        cls[rng.random((b, n)) >= positive] = -1
         targets[name] = {
             "cls_targets": tf.constant(cls),
             "box_targets": tf.constant(rng.normal(0, 0.5, (b, n, 4)).astype("float32")),
         }
+    return images, targets
+
+
+def detector_step(model, batch, image_size, jit_compile):
+    """A real multi-dataset step: half the batch per head, focal+Huber loss."""
+    names = model.head_names
+    sizes = {name: batch // len(names) + (i < batch % len(names)) for i, name in enumerate(names)}
+    images, targets = synthetic_batch(model, sizes, image_size, positive=0.05)
     optimizer = keras.optimizers.SGD(1e-6)
     variables = model.trainable_variables
     optimizer.build(variables)
@@ -234,36 +240,30 @@ def recipe_step(config, strategy, model):
     """One step of Keras's train_function (what model.fit calls per step)
     on a fixed batch of the config's size, through the strategy's
     distributed input as in train.py."""
-    rng = np.random.default_rng(0)
-    b, s = config.data.datasets[0].batch_size, config.model.image_size
-    n = int(model.anchors.boxes.shape[0])
-    cls = rng.integers(0, model.heads["real"], (b, n)).astype("int32")
-    cls[rng.random((b, n)) < 0.99] = -1  # ~1% positive anchors
-    images = {"real": tf.constant(rng.uniform(0, 255, (b, s, s, 3)).astype("float32"))}
-    targets = {"real": {"cls_targets": tf.constant(cls),
-                        "box_targets": tf.constant(rng.normal(0, 0.5, (b, n, 4)).astype("float32"))}}
+    sizes = {d.name: d.batch_size for d in config.data.training_datasets}
+    images, targets = synthetic_batch(model, sizes, config.model.image_size, positive=0.01)
     batches = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, targets)).repeat()))
     model.make_train_function()
     train_function = model.train_function
     return lambda: float(train_function(batches)["loss"])
 
 
-def detector_flops(det, image_size, heads_per_image):
-    """(forward FLOPs per image of trunk + every head, training-step FLOPs
-    per image when each image meets `heads_per_image` heads)."""
+def detector_flops(det, image_size):
+    """(forward FLOPs per image of the trunk and every head, training-step
+    FLOPs per image: the trunk and its own dataset's head, 3x forward)."""
     spec = tf.TensorSpec((1, image_size, image_size, 3), tf.float32)
     trunk = forward_flops(lambda x: det.feature_extractor(x), spec)
     heads = forward_flops(lambda x: det(x), spec) - trunk
-    return trunk + heads, 3 * (trunk + heads * heads_per_image / len(det.head_names))
+    return trunk + heads, 3 * (trunk + heads / len(det.head_names))
 
 
 def _part_of_step(op_name):
     low = op_name.lower()
-    if "adam" in low or "sgd" in low or "average" in low or "clip_by_global_norm" in low or "global_norm" in low:
+    if re.search(r"(^|/)recipe_[a-z_]+/", low):  # the name scope of optimization.recipe_class (recipe_adam, ...)
         return "optimizer's scope (Adam, clipping)"
     if "gradient_tape" in low:
         return "backward"
-    if re.search(r"(^|/)detector(_\d+)?/", low):
+    if re.search(r"(^|/)detector[_\d]*/", low):  # Keras suffixes _1, _1_1, ... per model built
         return "forward"
     return "other (outside those scopes: loss, EMA update, L2)"
 
@@ -356,7 +356,7 @@ def main(argv=None):
         info["detector_params"] = det.count_params()
         # Every head on every image is what one image costs at inference;
         # the training step runs each head on its own half only.
-        info["detector_fwd_flops_all_heads"], info["detector_step_flops_per_image"] = detector_flops(det, s, 1)
+        info["detector_fwd_flops_all_heads"], info["detector_step_flops_per_image"] = detector_flops(det, s)
         steps["detector"] = detector_step(det, b, s, args.jit_compile)
     recipes = {}
     if "recipe" in parts:
@@ -371,7 +371,7 @@ def main(argv=None):
                                  f"{t.optimizer}, EMA {t.ema_momentum:g}, clip {t.global_clipnorm:g}, {t.precision}")
         info[f"{name}_batch"] = config.data.images_per_step
         info[f"{name}_params"] = model.count_params()
-        info[f"{name}_fwd_flops"], info[f"{name}_step_flops_per_image"] = detector_flops(model, m.image_size, 1)
+        info[f"{name}_fwd_flops"], info[f"{name}_step_flops_per_image"] = detector_flops(model, m.image_size)
         steps[name] = recipe_step(config, strategy, model)
 
     # Trace and warm up every step, then time them interleaved.
