@@ -164,8 +164,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation (effdet_tf/data/augment.py), YOLOv4's
-    (Bochkovskiy et al. 2020): Mosaic, MixUp, HSV jitter, flip, scale and
-    translation. Colour, flip and scale defaults are YOLOv5's
+    (Bochkovskiy et al. 2020): Mosaic, MixUp, CutMix (off by default), HSV
+    jitter, blur (off by default), flip, scale and translation. Colour, flip and scale defaults are YOLOv5's
     `hyp.scratch-low` (hsv 0.015/0.7/0.4, fliplr 0.5, scale 0.5), box
     survival its `box_candidates` (wh_thr=2, area_thr=0.1).
 
@@ -180,6 +180,12 @@ class AugmentConfig:
         (0.25, 0.75), "Range of the Mosaic centre, as fractions of the input size (lo,hi).")
     mixup_prob: float = _field(0.15, "Probability of MixUp, per image, with another image of its group.")
     mixup_alpha: float = _field(32.0, "MixUp blend weight ~ Beta(alpha, alpha).")
+    cutmix_prob: float = _field(
+        0.0, "Probability of CutMix, per image: a random rectangle of another image of its group pasted at the "
+        "same place, with that image's boxes clipped to it (Yun et al. 2019).")
+    cutmix_min_visible: float = _field(
+        0.4, "An image's own box survives a CutMix rectangle if at least this fraction of its area stays "
+        "visible (YOLOv5's cutout drops labels more than 60% obscured).")
     hsv_prob: float = _field(1.0, "Probability of HSV colour jitter.")
     hsv_gains: Tuple[float, ...] = _field(
         (0.015, 0.7, 0.4), "HSV jitter ranges h,s,v: hue shift of +-h turns, saturation and value gains in "
@@ -202,20 +208,20 @@ class AugmentConfig:
     @classmethod
     def none(cls) -> "AugmentConfig":
         """No augmentation: the plain letterbox of evaluation."""
-        return cls(mosaic_prob=0.0, mixup_prob=0.0, hsv_prob=0.0, blur_prob=0.0, flip_prob=0.0, scale_min=1.0,
-                   scale_max=1.0, translate=0.0)
+        return cls(mosaic_prob=0.0, mixup_prob=0.0, cutmix_prob=0.0, hsv_prob=0.0, blur_prob=0.0, flip_prob=0.0,
+                   scale_min=1.0, scale_max=1.0, translate=0.0)
 
     @property
     def uses_groups(self) -> bool:
-        """Whether the group stage (Mosaic, MixUp) has anything to do."""
-        return self.mosaic_prob > 0.0 or self.mixup_prob > 0.0
+        """Whether the group stage (Mosaic, CutMix, MixUp) has anything to do."""
+        return self.mosaic_prob > 0.0 or self.mixup_prob > 0.0 or self.cutmix_prob > 0.0
 
     def check(self):
         if self.scale_min <= 0 or self.scale_min > self.scale_max:
             raise ConfigError(
                 f"--scale_min={self.scale_min} / --scale_max={self.scale_max}: need 0 < scale_min <= scale_max.")
-        for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "blur_prob", "flip_prob", "translate",
-                     "min_box_area_ratio"):
+        for name in ("mosaic_prob", "mixup_prob", "cutmix_prob", "cutmix_min_visible", "hsv_prob", "blur_prob",
+                     "flip_prob", "translate", "min_box_area_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{name}={value}: must be in [0, 1].")

@@ -193,8 +193,60 @@ def test_mixup_weights_are_beta_32():
     assert abs(weights.mean() - 0.5) < 0.02
 
 
-def test_crowd_flags_survive_mosaic_and_mixup():
-    config = dataclasses.replace(NONE, mosaic_prob=1.0, mixup_prob=1.0)
+def _colour_boxes(image):
+    """{class: (pixel count, yxyx bounding box)} of each palette colour in
+    a uint8 image (the scenes' objects, exact: no resampling)."""
+    found = {}
+    for k, colour in enumerate(PALETTE):
+        ys, xs = np.nonzero((image == colour).all(-1))
+        if ys.size:
+            found[k] = (ys.size, (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1))
+    return found
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cutmix_boxes_are_exactly_their_visible_objects(seed):
+    """Every box CutMix keeps is the bounding box of what shows of its
+    object; an image's own object keeps its box iff >= cutmix_min_visible
+    of it shows, a pasted one iff >= min_box_area_ratio of it does."""
+    config = dataclasses.replace(NONE, cutmix_prob=1.0)
+    group = _group()
+    out = _group_augment(config, seed, group)
+    area = 24 * 22  # every rectangle of _group
+    images = out["image"].numpy()
+    pasted = 0
+    for i in range(4):
+        before = group["image"][i].numpy()
+        ys, xs = np.nonzero((images[i] != before).any(-1))
+        if ys.size:  # (a patch of black on black changes nothing)
+            # The pixels that changed come from one partner at the same place.
+            window = np.s_[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+            assert any((images[i][window] == group["image"][j].numpy()[window]).all() for j in range(4) if j != i)
+        shown = _colour_boxes(images[i])
+        kept = {int(k): box for k, box in zip(out["classes"][i].numpy(), out["boxes"][i].numpy()) if k >= 0}
+        for k, (count, bbox) in shown.items():
+            own = k // 2 == i
+            pasted += not own
+            threshold = config.cutmix_min_visible if own else config.min_box_area_ratio
+            assert (k in kept) == (count >= threshold * area), (i, k, count)
+            if k in kept:
+                np.testing.assert_array_equal(kept[k], bbox, err_msg=f"image {i} class {k}")
+        assert set(kept) <= set(shown)
+    assert pasted  # some partner object did show
+
+
+def test_cutmix_at_half_pastes_about_half_the_images():
+    config = dataclasses.replace(NONE, cutmix_prob=0.5)
+    group = _group()
+    changed = [
+        (_group_augment(config, seed, group)["image"].numpy() != group["image"].numpy()).any((1, 2, 3))
+        for seed in range(40)
+    ]
+    assert 0.35 < np.mean(changed) < 0.6  # a pasted black-on-black patch changes nothing
+
+
+def test_crowd_flags_survive_mosaic_cutmix_and_mixup():
+    config = dataclasses.replace(NONE, mosaic_prob=1.0, mixup_prob=1.0, cutmix_prob=1.0)
     crowd = (1, 4, 6)
     seen = set()
     for seed in range(4):
@@ -264,7 +316,7 @@ def test_same_result_eagerly_and_in_dataset_map():
     image, boxes, classes = _scene(72, 108, [(0, 5, 5, 30, 40), (1, 40, 60, 70, 100)])
     example = {"image": image, "boxes": boxes, "classes": classes,
                "is_crowd": np.array([False, True])}
-    config = augment.AugmentConfig(mosaic_prob=1.0, mixup_prob=0.5)
+    config = augment.AugmentConfig(mosaic_prob=1.0, mixup_prob=0.5, cutmix_prob=0.5)
     seed = tf.constant([5, 6], tf.int64)
     eager = augment.random_resize(example, S, seed, config)
     ds = tf.data.Dataset.from_tensors((example, seed))
@@ -287,7 +339,7 @@ def test_float32_under_mixed_precision_policy():
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        config = augment.AugmentConfig(mosaic_prob=1.0, mixup_prob=1.0)
+        config = augment.AugmentConfig(mosaic_prob=1.0, mixup_prob=1.0, cutmix_prob=1.0)
         out = augment.GroupAugment(S, config)(_group(), tf.constant([0, 1]))
     finally:
         keras.config.set_dtype_policy(policy)
@@ -304,7 +356,7 @@ def test_images_without_boxes():
         "classes": tf.zeros([4, 0], tf.int32),
         "is_crowd": tf.zeros([4, 0], tf.bool),
     }
-    config = augment.AugmentConfig(mosaic_prob=1.0, mixup_prob=1.0)
+    config = augment.AugmentConfig(mosaic_prob=1.0, mixup_prob=1.0, cutmix_prob=1.0)
     out = augment.GroupAugment(S, config)(empty, tf.constant([0, 1]))
     assert out["image"].shape == (4, S, S, 3)
     assert not (out["classes"].numpy() >= 0).any()

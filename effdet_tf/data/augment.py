@@ -10,9 +10,10 @@ seeded pipeline is reproducible:
    With `AugmentConfig.none()` it is exactly the letterbox of
    preprocess.letterbox (longer side = S, top-left, zero pad).
 2. `GroupAugment` (per group of G letterboxed S x S images): keras-cv's
-   `Mosaic` (Bochkovskiy et al. 2020, YOLOv4) and `MixUp` (Zhang et al.
-   2018; boxes kept at full weight for detection, as in Zhang et al. 2019
-   "Bag of Freebies" and YOLOv5).
+   `Mosaic` (Bochkovskiy et al. 2020, YOLOv4), CutMix (Yun et al. 2019,
+   our own: keras-cv's CutMix moves no boxes) and keras-cv's `MixUp`
+   (Zhang et al. 2018; boxes kept at full weight for detection, as in
+   Zhang et al. 2019 "Bag of Freebies" and YOLOv5).
 3. `colour_jitter` (per final batch; in colour.py): colour jitter in the HSV
    sense as one 3x3 colour matrix per image, fused by XLA with the uint8 ->
    float32 cast; then `gaussian_blur` (off by default), per image.
@@ -77,6 +78,41 @@ def _keep_boxes(clipped, area_before, config):
         & (width >= config.min_box_size)
         & (box_ops.area(clipped) >= config.min_box_area_ratio * area_before)
     )
+
+
+@tf.function(jit_compile=True)
+def _paste(images, partner, patch):
+    """uint8 images with the yxyx integer rectangle patch[g] replaced by the
+    same rectangle of images[partner[g]] (CutMix's pixels), one XLA pass."""
+    size = images.shape[1]
+    steps = tf.range(size, dtype=tf.float32)
+    y0, x0, y1, x1 = [patch[:, i, None] for i in range(4)]
+    rows = (steps >= y0) & (steps < y1)  # [G, S]
+    columns = (steps >= x0) & (steps < x1)
+    inside = rows[:, :, None, None] & columns[:, None, :, None]
+    return tf.where(inside, tf.gather(images, partner), images)
+
+
+def _uncovered_box(boxes, patch):
+    """The part of each yxyx box [G, M, 4] a rectangle patch [G, 4] leaves
+    visible, as a box: a side is trimmed where the patch spans the box's
+    whole extent along the other axis and covers that side's edge; a patch
+    inside the box (or covering a corner) leaves its bounding box as it
+    was. Also returns the uncovered area [G, M]."""
+    py0, px0, py1, px1 = [patch[:, None, i] for i in range(4)]
+    y0, x0, y1, x1 = tf.unstack(boxes, axis=-1)
+    spans_x = (px0 <= x0) & (px1 >= x1)
+    spans_y = (py0 <= y0) & (py1 >= y1)
+    y0_new = tf.where(spans_x & (py0 <= y0), tf.maximum(y0, py1), y0)
+    y1_new = tf.where(spans_x & (py1 >= y1), tf.minimum(y1, py0), y1)
+    x0_new = tf.where(spans_y & (px0 <= x0), tf.maximum(x0, px1), x0)
+    x1_new = tf.where(spans_y & (px1 >= x1), tf.minimum(x1, px0), x1)
+    covered = (
+        tf.maximum(tf.minimum(y1, py1) - tf.maximum(y0, py0), 0.0)
+        * tf.maximum(tf.minimum(x1, px1) - tf.maximum(x0, px0), 0.0)
+    )
+    trimmed = tf.stack([y0_new, x0_new, tf.maximum(y1_new, y0_new), tf.maximum(x1_new, x0_new)], axis=-1)
+    return trimmed, box_ops.area(boxes) - covered
 
 
 @tf.function(jit_compile=True)
@@ -215,7 +251,8 @@ def _place_image(image, place, size, config):
 
 
 class GroupAugment:
-    """keras-cv Mosaic and MixUp on a dense group of letterboxed images.
+    """Mosaic, CutMix and MixUp, in that order, on a dense group of
+    letterboxed images.
 
     Call with a group dict {"image": uint8 [G, S, S, 3], "boxes": float32
     [G, M, 4] yxyx pixels, "classes": int32 [G, M] (-1 = padding),
@@ -225,7 +262,8 @@ class GroupAugment:
     Mosaic: each image of a selected group becomes an S x S window, centred
     at a random point of `mosaic_offset`, of the 2x2 grid of itself and 3
     other images of the group (keras-cv draws the 3 from the whole group,
-    itself included; we exclude itself). MixUp: with `mixup_prob` per image,
+    itself included; we exclude itself). CutMix: `_cutmix_group`. MixUp:
+    with `mixup_prob` per image,
     lam * image + (1 - lam) * partner, lam ~ Beta(alpha, alpha), keeping
     both box sets (keras-cv's rule).
     """
@@ -259,6 +297,14 @@ class GroupAugment:
                 apply,
                 lambda: self._mosaic_group(images, boxes, classes, seeds[1]),
                 lambda: (images, boxes, classes),
+            )
+
+        if self.config.cutmix_prob > 0.0:
+            # Its own stream, folded in: Mosaic's and MixUp's draws stay
+            # those of a run without CutMix.
+            cutmix_seed = tf.random.experimental.stateless_fold_in(seed, 4)
+            images, boxes, classes = self._cutmix_group(
+                images, boxes, classes, cutmix_seed
             )
 
         if self.config.mixup_prob > 0.0:
@@ -328,6 +374,53 @@ class GroupAugment:
         keep = _keep_boxes(out_boxes, before, self.config)
         out_classes = tf.where(keep, tf.reshape(out["classes"], [count, -1]), -1.0)
         return out_images, out_boxes, out_classes
+
+    def _cutmix_group(self, images, boxes, classes, seed):
+        """CutMix for detection: with `cutmix_prob` per image, a rectangle
+        of another group member is pasted at the same place (Yun et al.
+        2019: area fraction 1 - lam, lam ~ U(0, 1) = Beta(1, 1), the
+        image's aspect, centre uniform, clipped to the image). The
+        partner's boxes are clipped to the rectangle and kept by the crop
+        rule of the other stages; the image's own boxes are trimmed where
+        the rectangle covers a whole side and dropped when less than
+        `cutmix_min_visible` of their area stays visible. -> images,
+        boxes [G, 2M, 4], classes [G, 2M] (the partner's M slots are
+        padding where no CutMix happens)."""
+        count = tf.shape(images)[0]
+        size = float(self.image_size)
+        seeds = tf.random.experimental.stateless_split(seed, 3)
+        apply = tf.random.stateless_uniform([count], seeds[0]) < self.config.cutmix_prob
+        partner = self._partners(count, seeds[1], 1)[:, 0]
+        u = tf.random.stateless_uniform([count, 3], seeds[2])
+        half = 0.5 * size * tf.sqrt(u[:, 0])  # side sqrt(1 - lam) * S
+        centre = u[:, 1:] * size
+        # Whole pixels, so the boxes meet the pasted pixels exactly; an
+        # image without CutMix gets an empty rectangle.
+        low = tf.clip_by_value(tf.round(centre - half[:, None]), 0.0, size)
+        high = tf.clip_by_value(tf.round(centre + half[:, None]), 0.0, size)
+        patch = tf.where(apply[:, None], tf.concat([low, high], axis=1), 0.0)
+
+        own, visible = _uncovered_box(boxes, patch)
+        sides = tf.minimum(own[..., 2] - own[..., 0], own[..., 3] - own[..., 1])
+        keep_own = (
+            (classes >= 0)
+            & (sides >= self.config.min_box_size)
+            & (visible >= self.config.cutmix_min_visible * box_ops.area(boxes))
+        )
+        theirs = tf.gather(boxes, partner)
+        clipped = tf.concat(
+            [tf.maximum(theirs[..., :2], patch[:, None, :2]), tf.minimum(theirs[..., 2:], patch[:, None, 2:])],
+            axis=-1,
+        )
+        clipped = tf.concat([clipped[..., :2], tf.maximum(clipped[..., 2:], clipped[..., :2])], axis=-1)
+        their_classes = tf.gather(classes, partner)
+        keep_theirs = (their_classes >= 0) & apply[:, None] & _keep_boxes(clipped, box_ops.area(theirs), self.config)
+        images = tf.cond(tf.reduce_any(apply), lambda: _paste(images, partner, patch), lambda: images)
+        return (
+            images,
+            tf.concat([own, clipped], axis=1),
+            tf.concat([tf.where(keep_own, classes, -1.0), tf.where(keep_theirs, their_classes, -1.0)], axis=1),
+        )
 
     def _mixup_boxes(self, boxes, classes, partner, seed):
         """-> (blend weight [G], 1 where not mixed; boxes; classes)."""
