@@ -197,8 +197,8 @@ def _colour_boxes(image):
     """{class: (pixel count, yxyx bounding box)} of each palette colour in
     a uint8 image (the scenes' objects, exact: no resampling)."""
     found = {}
-    for k, colour in enumerate(PALETTE):
-        ys, xs = np.nonzero((image == colour).all(-1))
+    for k, rgb in enumerate(PALETTE):
+        ys, xs = np.nonzero((image == rgb).all(-1))
         if ys.size:
             found[k] = (ys.size, (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1))
     return found
