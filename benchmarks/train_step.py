@@ -25,7 +25,8 @@ number alike (medians over --repeats):
 
 With --profile DIR the recipe's step is also traced by tf.profiler
 (DIR holds the trace for TensorBoard's profile plugin) and its op time is
-summed by op type and by part of the step (forward, backward, optimizer).
+summed by op type, by part of the step (forward, backward, optimizer) and
+by block of the model (backbone stem and stages, BiFPN, heads).
 
 FLOPs are counted by TensorFlow's profiler on the frozen forward graph at
 batch 1 (2 FLOPs per multiply-add); a training step is counted as 3x the
@@ -80,8 +81,9 @@ def parse_args(argv=None):
 # FLOPs
 
 
-def forward_flops(model_fn, input_spec):
-    """FLOPs of one forward pass, from TF's profiler on the frozen graph."""
+def forward_flops(model_fn, input_spec, by_block=False):
+    """FLOPs of one forward pass, from TF's profiler on the frozen graph
+    (with by_block, a dict of them by `_block_of_step`)."""
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2_as_graph,
     )
@@ -96,6 +98,13 @@ def forward_flops(model_fn, input_spec):
         .build()
     )
     info = tf.compat.v1.profiler.profile(graph=frozen.graph, options=opts)
+    if by_block:
+        import collections
+
+        blocks = collections.Counter()
+        for node in info.children:
+            blocks[_block_of_step("/" + node.name)] += node.total_float_ops
+        return dict(blocks)
     return int(info.total_float_ops)
 
 
@@ -268,6 +277,17 @@ def _part_of_step(op_name):
     return "other (outside those scopes: loss, EMA update, L2)"
 
 
+def _block_of_step(op_name):
+    """The model block an op (forward or backward) belongs to: the
+    backbone's stem or stage N, the BiFPN, the class or box heads; else
+    "outside the model"."""
+    match = re.search(r"/(stem|stage\d)[_/]|/(bifpn)[_\d]*/|_(class_net|box_net)[_\d]*/", op_name.lower())
+    if not match:
+        return "outside the model (loss, optimizer, EMA)"
+    block = next(g for g in match.groups() if g)
+    return {"class_net": "class heads", "box_net": "box heads", "bifpn": "BiFPN"}.get(block, "backbone " + block)
+
+
 def summarise_profile(log_dir, steps):
     """Op time and op counts per step from the newest tf.profiler trace in
     `log_dir`, by op type and by part of the step. Times are the ops'
@@ -282,7 +302,7 @@ def summarise_profile(log_dir, steps):
     space = xplane_pb2.XSpace()
     with open(path, "rb") as f:
         space.ParseFromString(f.read())
-    by_type, by_part, counts = collections.Counter(), collections.Counter(), collections.Counter()
+    by_type, by_part, by_block, counts = (collections.Counter() for _ in range(4))
     for plane in space.planes:
         for line in plane.lines:
             if not line.name.startswith("tf_Compute"):
@@ -296,9 +316,11 @@ def summarise_profile(log_dir, steps):
                 by_type[op_type.replace("_MklNative", "").replace("_Mkl", "")] += ms
                 part = _part_of_step(op)
                 by_part[part] += ms
+                by_block[_block_of_step(op)] += ms
                 counts[part] += 1 / steps
     return {"trace": path, "ms_per_step_by_op_type": dict(by_type.most_common()),
-            "ms_per_step_by_part": dict(by_part.most_common()), "ops_per_step_by_part": dict(counts.most_common())}
+            "ms_per_step_by_part": dict(by_part.most_common()), "ops_per_step_by_part": dict(counts.most_common()),
+            "ms_per_step_by_block": dict(by_block.most_common())}
 
 
 def print_profile(summary, step_seconds):
@@ -308,6 +330,10 @@ def print_profile(summary, step_seconds):
     print(f"{'part':<48}{'ms/step':>9}{'share':>7}{'ops/step':>10}")
     for part, ms in summary["ms_per_step_by_part"].items():
         print(f"{part:<48}{ms:>9.0f}{100 * ms / total:>6.1f}%{summary['ops_per_step_by_part'][part]:>10.0f}")
+    flops = summary["forward_flops_by_block"]
+    print(f"{'block (forward + backward)':<48}{'ms/step':>9}{'share':>7}{'FLOP share':>12}")
+    for block, ms in summary["ms_per_step_by_block"].items():
+        print(f"{block:<48}{ms:>9.0f}{100 * ms / total:>6.1f}%{100 * flops.get(block, 0) / sum(flops.values()):>11.1f}%")
     print(f"{'op type (top 15)':<48}{'ms/step':>9}{'share':>7}")
     for op_type, ms in list(summary["ms_per_step_by_op_type"].items())[:15]:
         print(f"{op_type:<48}{ms:>9.0f}{100 * ms / total:>6.1f}%")
@@ -450,6 +476,10 @@ def main(argv=None):
             steps["recipe"]()
         tf.profiler.experimental.stop()
         results["recipe_profile"] = summarise_profile(args.profile, args.profile_steps)
+        model = recipes["recipe"][2]
+        size = recipes["recipe"][0].model.image_size
+        results["recipe_profile"]["forward_flops_by_block"] = forward_flops(
+            lambda x: model(x), tf.TensorSpec((1, size, size, 3), tf.float32), by_block=True)
         print_profile(results["recipe_profile"], med["recipe"])
     if args.json:
         with open(args.json, "w") as f:
