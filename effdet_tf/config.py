@@ -165,9 +165,10 @@ class DataConfig:
 class AugmentConfig:
     """Training augmentation (effdet_tf/data/augment.py), YOLOv4's
     (Bochkovskiy et al. 2020): Mosaic, MixUp, CutMix (off by default), HSV
-    jitter, blur (off by default), flip, scale and translation. Colour, flip and scale defaults are YOLOv5's
-    `hyp.scratch-low` (hsv 0.015/0.7/0.4, fliplr 0.5, scale 0.5), box
-    survival its `box_candidates` (wh_thr=2, area_thr=0.1).
+    jitter, blur (off by default), flip, scale and translation. Colour, flip
+    and scale defaults are YOLOv5's `hyp.scratch-low` (hsv 0.015/0.7/0.4,
+    fliplr 0.5, scale 0.5), box survival its `box_candidates` (wh_thr=2,
+    area_thr=0.1).
 
     Mosaic is drawn per group of images (keras-cv's Mosaic computes all or
     none of a group; a per-image draw would pay for every image anyway).

@@ -263,9 +263,8 @@ class GroupAugment:
     at a random point of `mosaic_offset`, of the 2x2 grid of itself and 3
     other images of the group (keras-cv draws the 3 from the whole group,
     itself included; we exclude itself). CutMix: `_cutmix_group`. MixUp:
-    with `mixup_prob` per image,
-    lam * image + (1 - lam) * partner, lam ~ Beta(alpha, alpha), keeping
-    both box sets (keras-cv's rule).
+    with `mixup_prob` per image, lam * image + (1 - lam) * partner,
+    lam ~ Beta(alpha, alpha), keeping both box sets (keras-cv's rule).
     """
 
     def __init__(self, image_size, config):
