@@ -279,6 +279,11 @@ class TrainConfig:
     steps_per_epoch: int = _field(0, "Steps per epoch (0: the largest dataset seen once).")
     warmup_epochs: float = _field(1.0, "Linear LR warmup length in epochs.")
     eval_every_epochs: int = _field(1, "Evaluate (COCO mAP, best checkpoint) every N epochs.")
+    precise_bn_batches: int = _field(
+        0, "Before each evaluation (and at the end of training), recompute the evaluated weights' BatchNorm "
+        "statistics from this many training batches with the weights fixed (PreciseBN): moving averages lag "
+        "weights that move fast, in short runs at a high LR. Saved and exported weights carry them; the time "
+        "is not counted in --train_minutes, as evaluation's is not. 0: off.")
     train_minutes: float = _field(
         0.0, "Wall-clock training budget of this run in minutes (evaluation and checkpoint time not "
         "counted; 0: none): training stops once it is spent (or after --epochs), and the LR schedule's "
@@ -610,6 +615,8 @@ def check(config: "Config"):
             # and the workers' collectives would then wait for each other.
             raise ConfigError(f"--{name}={getattr(t, name)}: a clock per worker under --strategy=multi_worker; "
                               "give the length in steps (--epochs, --eval_every_epochs).")
+    if t.precise_bn_batches < 0:
+        raise ConfigError(f"--precise_bn_batches={t.precise_bn_batches}: must be >= 0 (0: off).")
     if not 0.0 <= t.ema_momentum < 1.0:
         raise ConfigError(f"--ema_momentum={t.ema_momentum}: must be in [0, 1).")
     if t.learning_rate <= 0:

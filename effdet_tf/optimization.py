@@ -36,6 +36,7 @@ import functools
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -196,6 +197,88 @@ def averaged_weights(model):
         yield model
     finally:
         optimizer.swap_averages()
+
+
+class BatchNormRefresh:
+    """Recomputes every trainable BatchNorm layer's moving statistics for
+    the model's current weights ("PreciseBN": Wu & Johnson, "Rethinking
+    'Batch' in BatchNorm", 2021, sec. 3).
+
+    A moving average with momentum m mixes the statistics of the last
+    ~1 / (1 - m) steps' weights. While the learning rate is high, those
+    weights differ enough from the current ones that the inference-mode
+    network is a different function: in a 400-step run of
+    configs/cpu_real.flags the raccoon model's AP fell from 0.28 to 0.06 at
+    step 160 and rose back by step 180, with the training loss still
+    falling; the same step-160 weights with statistics recomputed from
+    training batches scored 0.23-0.32 (BENCHMARKS.md, "The collapse is
+    stale BatchNorm statistics").
+
+    `batches` yields model inputs (the training pipeline's images: the
+    statistics are those of the distribution the layers normalise in
+    training). Each call runs `num_batches` of them through the model in
+    training mode with the weights fixed and sets each layer's moving mean
+    to the mean of the batch means and its moving variance to the pooled
+    variance, E[var_b + mean_b^2] - E[mean_b]^2 (equal batch sizes), so the
+    spread of the batch means is counted, unlike an average of the batch
+    variances. Layers that do not train (--freeze) keep theirs.
+
+    Call it where the model holds the weights to be evaluated (inside
+    averaged_weights: the recomputed values then replace the EMA's
+    statistics, which the EMA keeps averaging from) and in cross-replica
+    context, as evaluation runs. Nothing else changes: the trainable
+    weights, the optimizer state and the training step, whose BatchNorm
+    layers normalise with batch statistics, are the same with or without it.
+    """
+
+    def __init__(self, model, batches, num_batches):
+        if num_batches < 1:
+            raise ValueError(f"num_batches={num_batches}: must be >= 1.")
+        self.model = model
+        self.batches = batches
+        self._iterator = None  # made at the first call: a tf.data iterator starts reading when made
+        self.num_batches = int(num_batches)
+        self.layers = [layer for layer in compat.sublayers(model)
+                       if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+        self._forward = None
+
+    def _batch_statistics(self, inputs):
+        """Each layer's (mean, variance) of one batch: with momentum 0 the
+        layer's own update leaves exactly its batch moments in its moving
+        variables. Momentum is read when the function is traced, so the
+        function is traced (once) while it is 0."""
+        if self._forward is None:
+            self._forward = tf.function(lambda x: self.model(x, training=True))
+        self._forward(inputs)
+        return [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in self.layers]
+
+    def __call__(self):
+        if self._iterator is None:
+            self._iterator = iter(self.batches)
+        momenta = [layer.momentum for layer in self.layers]
+        saved = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in self.layers]
+        sums = [[0.0, 0.0] for _ in self.layers]
+        try:
+            for layer in self.layers:
+                layer.momentum = 0.0
+            for _ in range(self.num_batches):
+                for total, (mean, variance) in zip(sums, self._batch_statistics(next(self._iterator))):
+                    total[0] = total[0] + mean
+                    total[1] = total[1] + variance + mean * mean
+        except BaseException:
+            for layer, (mean, variance) in zip(self.layers, saved):
+                layer.moving_mean.assign(mean)
+                layer.moving_variance.assign(variance)
+            raise
+        finally:
+            for layer, momentum in zip(self.layers, momenta):
+                layer.momentum = momentum
+        for layer, (mean_sum, square_sum) in zip(self.layers, sums):
+            mean = mean_sum / self.num_batches
+            layer.moving_mean.assign(mean)
+            layer.moving_variance.assign(np.maximum(square_sum / self.num_batches - mean * mean, 0.0))
+        logging.info("BatchNorm statistics of %d layers recomputed from %d training batches.",
+                     len(self.layers), self.num_batches)
 
 
 def learning_rate_schedule(peak, total_steps, warmup_steps):

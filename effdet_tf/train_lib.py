@@ -190,6 +190,23 @@ def train_data(config: Config, detector, start_step=0, input_context=None):
     return pipeline.multi_dataset(per_dataset)
 
 
+# --precise_bn_batches reads its own copy of the training stream, seeded
+# apart from the training one (train_data's seed moves with start_step).
+PRECISE_BN_STREAM = 1 << 30
+
+
+def batchnorm_refresh(config: Config, detector, start_step=0):
+    """optimization.BatchNormRefresh over a training pipeline of its own
+    (images only, not cached in memory a second time), or None when
+    --precise_bn_batches is 0."""
+    n = config.train.precise_bn_batches
+    if not n:
+        return None
+    uncached = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_images="no"))
+    images = train_data(uncached, detector, start_step=PRECISE_BN_STREAM + start_step).map(lambda x, y: x)
+    return optimization.BatchNormRefresh(detector, images, n)
+
+
 def distributed_train_data(config: Config, strategy, detector, start_step=0):
     """train_data built once per input pipeline (worker) by the strategy,
     each batched per replica: what model.fit trains on."""
@@ -305,6 +322,10 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
         budget_seconds=t.train_minutes * 60, every_seconds=t.eval_every_minutes * 60, initial_step=step,
         plan=schedule.replan if schedule is not None else None)
 
+    # On the chief, which evaluates and saves the EMA weights; other workers'
+    # copies of the EMA's statistics are never read.
+    refresh = batchnorm_refresh(config, model, step) if chief else None
+
     def end_of_epoch(epoch, last):
         if watcher.failed:
             return
@@ -314,7 +335,11 @@ def train(config: Config, strategy, chief=True, evaluate_during=True):
         if due:
             clock.tick()
         metrics = mean = None
-        if eval_sets and (epoch % t.eval_every_epochs == 0 or last or due):
+        evaluating = bool(eval_sets) and (epoch % t.eval_every_epochs == 0 or last or due)
+        if refresh is not None and (evaluating or last):
+            with optimization.averaged_weights(model):
+                refresh()
+        if evaluating:
             # The chief evaluates every image once; the other workers wait
             # (see evaluate_on_chief).
             metrics, mean = evaluate_on_chief(chief, model, evaluator, step_now, barrier)

@@ -142,6 +142,91 @@ def test_saved_ema_weights_hold_the_averaged_batchnorm_statistics(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
 
 
+def _refresh_model():
+    """BN on the inputs, Dense, BN, Dense, and a frozen BN at the end."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((3,))
+    x = keras.layers.BatchNormalization(momentum=0.97, name="on_inputs")(inputs)
+    dense = keras.layers.Dense(4, name="hidden")
+    x = keras.layers.BatchNormalization(momentum=0.97, name="on_dense")(dense(x))
+    x = keras.layers.Dense(2)(x)
+    frozen = keras.layers.BatchNormalization(name="frozen")
+    out = frozen(x)
+    frozen.trainable = False
+    return keras.Model(inputs, out), dense
+
+
+def _shifted_batches():
+    """Four batches of 8 whose means differ: their pooled variance is well
+    above the mean of their variances."""
+    rng = np.random.default_rng(1)
+    return [(rng.normal(size=(8, 3)) * [1.0, 2.0, 0.5] + shift).astype(np.float32) for shift in (0.0, 1.0, 3.0, -2.0)]
+
+
+def _layer(model, name):
+    return next(layer for layer in model.layers if layer.name == name)
+
+
+def test_batchnorm_refresh_gives_the_population_statistics_of_the_fixed_weights():
+    model, dense = _refresh_model()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(np.full(layer.moving_mean.shape, 5.0, np.float32))
+            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 9.0, np.float32))
+    weights = [v.numpy().copy() for v in model.trainable_variables]
+    batches = _shifted_batches()
+    refresh = optimization.BatchNormRefresh(model, batches, num_batches=4)
+    assert [layer.name for layer in refresh.layers] == ["on_inputs", "on_dense"]
+    refresh()
+
+    data = np.concatenate(batches).astype(np.float64)
+    first = _layer(model, "on_inputs")
+    np.testing.assert_allclose(first.moving_mean.numpy(), data.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(first.moving_variance.numpy(), data.var(0), rtol=1e-5)
+    # The second layer sees the first one's training-mode output (each batch
+    # normalised by its own moments) through the dense layer.
+    gamma, beta = first.gamma.numpy(), first.beta.numpy()
+    normalised = np.concatenate([(b - b.mean(0)) / np.sqrt(b.var(0) + first.epsilon) * gamma + beta for b in batches])
+    kernel, bias = (v.numpy() for v in dense.weights)
+    hidden = normalised @ kernel + bias
+    second = _layer(model, "on_dense")
+    np.testing.assert_allclose(second.moving_mean.numpy(), hidden.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(second.moving_variance.numpy(), hidden.var(0), rtol=1e-4)
+
+    frozen = _layer(model, "frozen")
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), 5.0)
+    np.testing.assert_array_equal(frozen.moving_variance.numpy(), 9.0)
+    assert first.momentum == second.momentum == 0.97 and frozen.momentum == 0.99
+    for before, v in zip(weights, model.trainable_variables):
+        np.testing.assert_array_equal(v.numpy(), before)
+
+
+def test_batchnorm_refresh_inside_the_average_replaces_the_emas_statistics():
+    model = _bn_model()
+    optimizer = _compile(model, 0.9)
+    model.fit(*_data(), batch_size=4, epochs=1, verbose=0)
+    bn = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    raw = bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()
+    averages = [v.numpy().copy() for v in optimizer.averages]
+    x = _data()[0]
+    with optimization.averaged_weights(model):
+        optimization.BatchNormRefresh(model, [x[:8], x[8:]], num_batches=2)()
+        # Expected: the EMA kernel and bias give the layer's inputs.
+        kernel, bias = model.layers[1].kernel.numpy(), model.layers[1].bias.numpy()
+        hidden = x.astype(np.float64) @ kernel + bias
+    names = [v.name for v in optimizer.averaged_variables]
+    mean = optimizer.averages[names.index("moving_mean")].numpy()
+    variance = optimizer.averages[names.index("moving_variance")].numpy()
+    np.testing.assert_allclose(mean, hidden.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(variance, hidden.var(0), rtol=1e-4)
+    # The raw statistics and every other average are untouched.
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), raw[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), raw[1])
+    for name, before, after in zip(names, averages, optimizer.averages):
+        if name not in ("moving_mean", "moving_variance"):
+            np.testing.assert_array_equal(after.numpy(), before)
+
+
 def test_l2_term_gradient_is_decay_times_kernel_and_spares_batchnorm_and_biases():
     detector = Detector(heads={"a": 2}, image_size=128, width_multiplier=0.125, fpn_channels=16,
                         fpn_repeats=1, head_depth=1)

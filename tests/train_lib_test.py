@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -166,13 +167,14 @@ def test_a_dataset_added_with_the_rest_frozen_leaves_the_old_heads_bit_identical
     another name), trunk and old heads frozen and given no data: the old
     heads' outputs are the old model's, bit for bit, and the model dir's
     label maps (what export ships) hold all three."""
-    from effdet_tf import checkpoint
+    from effdet_tf import checkpoint, compat
 
     model_dir = tmp_path / "grown"
     args = [a for a in tiny_flags(demo_data, model_dir) if not a.startswith("--dataset=")]
     args += [f"--dataset=snacks={demo_data['food']}", f"--init_from={resumed_run['model_dir']}",
              "--freeze=trunk,heads:appliance,food", "--epochs=1", "--steps_per_epoch=2",
-             "--checkpoint_every_steps=2", "--strategy=one_device", "--precision=float32"]
+             "--checkpoint_every_steps=2", "--strategy=one_device", "--precision=float32",
+             "--precise_bn_batches=2"]
     proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -181,6 +183,12 @@ def test_a_dataset_added_with_the_rest_frozen_leaves_the_old_heads_bit_identical
     new, config = checkpoint.load_detector(str(model_dir), which="best")
     assert config.head_names == ("appliance", "food", "snacks")
     assert [d.trains for d in config.data.datasets] == [False, False, True]
+    # The frozen trunk's and heads' statistics are not recomputed (the old
+    # heads are checked bit for bit below): only the snacks head's are.
+    refreshed = re.findall(r"BatchNorm statistics of (\d+) layers recomputed from 2 training batches", proc.stderr)
+    snacks_bn = [layer for net in (new.class_nets["snacks"], new.box_nets["snacks"]) for layer in compat.sublayers(net)
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+    assert refreshed and {int(n) for n in refreshed} == {len(snacks_bn)}, (refreshed, len(snacks_bn))
     images = tf.constant(np.random.default_rng(3).uniform(0, 255, [3, 128, 128, 3]), tf.float32)
     before, after = old(images, training=False), new(images, training=False)
     for head in ("appliance", "food"):
@@ -198,6 +206,37 @@ def test_a_dataset_added_with_the_rest_frozen_leaves_the_old_heads_bit_identical
     audit = json.loads((model_dir / "label_audit.json").read_text())
     assert len(audit["shared"]) == len(synthetic.FOOD_CLASSES)
     assert {m["dataset"] for m in audit["shared"][0]["classes"]} == {"food", "snacks"}
+
+
+def test_precise_bn_changes_the_saved_statistics_and_nothing_else(demo_data, tmp_path):
+    """Two runs with the same seed under MirroredStrategy, with and without
+    --precise_bn_batches: the saved EMA weights are the same; the moving
+    statistics differ, and the evaluation saw the recomputed ones (the run's
+    best.json holds the metrics of the weights in best.weights.h5)."""
+    from effdet_tf import checkpoint
+
+    common = ["--epochs=2", "--steps_per_epoch=2", "--checkpoint_every_steps=2", "--strategy=mirrored",
+              "--precision=float32", "--seed=5"]
+    dirs = {}
+    for name, extra in (("plain", []), ("precise", ["--precise_bn_batches=3"])):
+        dirs[name] = tmp_path / name
+        proc = subprocess.run([sys.executable, "train.py", *tiny_flags(demo_data, dirs[name], *common, *extra)],
+                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900, check=False)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        # Once at the evaluation of step 2 and once at the last one (step 4).
+        assert proc.stderr.count("recomputed from 3 training batches") == (2 if extra else 0), proc.stderr[-3000:]
+    plain, _ = checkpoint.load_detector(str(dirs["plain"]), which="last")
+    precise, _ = checkpoint.load_detector(str(dirs["precise"]), which="last")
+    for a, b in zip(plain.trainable_variables, precise.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    moved = [a.path for a, b in zip(plain.non_trainable_variables, precise.non_trainable_variables)
+             if "moving_" in a.path and not np.allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-4)]
+    assert len(moved) > 0.9 * sum("moving_" in v.path for v in plain.non_trainable_variables), moved
+    metrics = json.loads((dirs["precise"] / "best.json").read_text())["metrics"]
+    images = tf.constant(np.random.default_rng(4).uniform(0, 255, [2, 128, 128, 3]), tf.float32)
+    best, _ = checkpoint.load_detector(str(dirs["precise"]), which="best")
+    assert set(metrics) == {"appliance", "food"}
+    assert not np.allclose(best(images)["food"]["cls_logits"].numpy(), plain(images)["food"]["cls_logits"].numpy())
 
 
 def test_incompatible_resume_is_refused(resumed_run, demo_data):
