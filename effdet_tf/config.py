@@ -617,6 +617,11 @@ def check(config: "Config"):
                               "give the length in steps (--epochs, --eval_every_epochs).")
     if t.precise_bn_batches < 0:
         raise ConfigError(f"--precise_bn_batches={t.precise_bn_batches}: must be >= 0 (0: off).")
+    if t.precise_bn_batches and (t.strategy == "multi_worker" or t.sync_batchnorm):
+        # The chief alone runs the forward passes, outside the replicas: not
+        # tested with other workers' variables or cross-replica BatchNorm.
+        raise ConfigError(f"--precise_bn_batches={t.precise_bn_batches}: not supported with "
+                          f"{'--strategy=multi_worker' if t.strategy == 'multi_worker' else '--sync_batchnorm'} yet.")
     if not 0.0 <= t.ema_momentum < 1.0:
         raise ConfigError(f"--ema_momentum={t.ema_momentum}: must be in [0, 1).")
     if t.learning_rate <= 0:

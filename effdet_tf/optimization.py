@@ -208,11 +208,11 @@ class BatchNormRefresh:
     ~1 / (1 - m) steps' weights. While the learning rate is high, those
     weights differ enough from the current ones that the inference-mode
     network is a different function: in a 400-step run of
-    configs/cpu_real.flags the raccoon model's AP fell from 0.28 to 0.06 at
-    step 160 and rose back by step 180, with the training loss still
-    falling; the same step-160 weights with statistics recomputed from
-    training batches scored 0.23-0.32 (BENCHMARKS.md, "The collapse is
-    stale BatchNorm statistics").
+    configs/cpu_real.flags without EMA, the raccoon model's AP50 fell from
+    0.62 at step 120 to 0.17 at step 160 and was back at 0.78 by step 180,
+    with the training loss still falling; the step-160 weights with
+    statistics recomputed from training batches scored AP 0.23-0.32 against
+    0.06 (BENCHMARKS.md, "The collapse is stale BatchNorm statistics").
 
     `batches` yields model inputs (the training pipeline's images: the
     statistics are those of the distribution the layers normalise in
