@@ -85,16 +85,19 @@ def decay_variables(model):
     return [v for v in model.trainable_variables if id(v) not in skip]
 
 
+def trainable_batchnorm_layers(model):
+    """The BatchNorm layers whose statistics move in training (a frozen
+    layer, --freeze, normalises in inference mode)."""
+    return [layer for layer in compat.sublayers(model)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+
+
 def batchnorm_statistics(model):
     """Every trainable BatchNorm layer's moving mean and variance: averaged
     with the weights, as automl's EMA does. A frozen layer's (--freeze)
     are left out, as its weights are: they do not change, and averaging a
     constant would still round it."""
-    out = []
-    for layer in compat.sublayers(model):
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
-            out += [layer.moving_mean, layer.moving_variance]
-    return out
+    return [v for layer in trainable_batchnorm_layers(model) for v in (layer.moving_mean, layer.moving_variance)]
 
 
 class _Recipe(compat.OptimizerHooks):
@@ -238,17 +241,16 @@ class BatchNormRefresh:
         self.batches = batches
         self._iterator = None  # made at the first call: a tf.data iterator starts reading when made
         self.num_batches = int(num_batches)
-        self.layers = [layer for layer in compat.sublayers(model)
-                       if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-        self._forward = None
+        self.layers = trainable_batchnorm_layers(model)
+        # Traced at the first call, while every momentum is 0.
+        self._forward = tf.function(lambda x: model(x, training=True))
 
     def _batch_statistics(self, inputs):
         """Each layer's (mean, variance) of one batch: with momentum 0 the
         layer's own update leaves exactly its batch moments in its moving
-        variables. Momentum is read when the function is traced, so the
-        function is traced (once) while it is 0."""
-        if self._forward is None:
-            self._forward = tf.function(lambda x: self.model(x, training=True))
+        variables (the unbiased variance in modeling.layers'
+        FusedBatchNormalization, as in its training updates). Momentum is
+        read when the function is traced, so it is traced while it is 0."""
         self._forward(inputs)
         return [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in self.layers]
 
