@@ -621,7 +621,8 @@ def check(config: "Config"):
         # The chief alone runs the forward passes, outside the replicas: not
         # tested with other workers' variables or cross-replica BatchNorm.
         raise ConfigError(f"--precise_bn_batches={t.precise_bn_batches}: not supported with "
-                          f"{'--strategy=multi_worker' if t.strategy == 'multi_worker' else '--sync_batchnorm'} yet.")
+                          f"{'--strategy=multi_worker' if t.strategy == 'multi_worker' else '--sync_batchnorm'} yet "
+                          "(pass --precise_bn_batches=0 after a flagfile that sets it, such as configs/cpu_real.flags).")
     if not 0.0 <= t.ema_momentum < 1.0:
         raise ConfigError(f"--ema_momentum={t.ema_momentum}: must be in [0, 1).")
     if t.learning_rate <= 0:
